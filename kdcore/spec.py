@@ -1,0 +1,226 @@
+"""The job spec: one pydantic model shared by the API, the database, the worker and the engine.
+
+Field names follow ARCHITECTURE.md. Every model forbids unknown keys so that a typo
+(`temprature`) is an error naming the field rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from kdcore.architectures import ARCHITECTURES, SpecError, known_architectures, validate_arch_args
+
+TeacherFormat = Literal["auto", "torchscript", "exported", "safetensors", "onnx", "state_dict"]
+ExportFormat = Literal["safetensors", "torchscript", "onnx"]
+Augment = Literal["none", "flip_crop", "shift"]
+Precision = Literal["fp32", "bf16", "fp16"]
+MAX_SPEC_BYTES = 1_000_000
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2})$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherSpec(_Strict):
+    file: str = Field(min_length=1, max_length=4096, description="File id (service) or local path (CLI).")
+    format: TeacherFormat = Field(default="auto", description="How the teacher is stored; auto sniffs it.")
+    arch: str | None = Field(
+        default=None, validate_default=True, description="Registry architecture; needed for safetensors/state_dict."
+    )
+    arch_args: dict[str, Any] = Field(default_factory=dict, validate_default=True, description="Arguments of `arch`.")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_known_and_needed(cls, arch: str | None, info: ValidationInfo) -> str | None:
+        if arch is not None:
+            _check_arch_name(arch)
+        elif info.data.get("format") in ("safetensors", "state_dict"):
+            raise ValueError(f"format {info.data['format']!r} holds weights only: name the registry architecture")
+        return arch
+
+    @field_validator("arch_args")
+    @classmethod
+    def _args_fit_arch(cls, arch_args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_arch_args(info.data.get("arch"), arch_args)
+
+
+class StudentSpec(_Strict):
+    arch: str = Field(default="mlp", description="Registry architecture of the student.")
+    arch_args: dict[str, Any] = Field(default_factory=dict, validate_default=True, description="Arguments of `arch`.")
+    init_from_teacher: bool = Field(
+        default=False, description="Copy every teacher tensor whose name and shape match (parameter sharing)."
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_known(cls, arch: str) -> str:
+        return _check_arch_name(arch)
+
+    @field_validator("arch_args")
+    @classmethod
+    def _args_fit_arch(cls, arch_args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_arch_args(info.data.get("arch"), arch_args)
+
+
+class NormalizeSpec(_Strict):
+    mean: list[float] = Field(default=[0.0], min_length=1, description="Per-channel mean (or one for all).")
+    std: list[float] = Field(default=[1.0], min_length=1, description="Per-channel std (or one for all).")
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, std: list[float]) -> list[float]:
+        if any(value <= 0 for value in std):
+            raise ValueError("every std must be > 0")
+        return std
+
+
+class DataSpec(_Strict):
+    train: str = Field(min_length=1, max_length=4096, description="Training data: .npz or ImageFolder .zip.")
+    test: str | None = Field(default=None, description="Separate test set; else the npz test split.")
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of train held out for validation.")
+    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec, description="Applied after uint8 → [0, 1].")
+    augment: Augment = Field(default="none", description="Random augmentation; none lets teacher logits be cached.")
+    image_size: int | None = Field(default=None, ge=4, le=1024, description="Resize ImageFolder images to this.")
+
+
+class MethodSpec(_Strict):
+    name: Literal["kd"] = Field(default="kd", description="Distillation method (Hinton soft targets).")
+    temperature: float = Field(default=4.0, gt=0, le=1000, description="Softmax temperature T (> 0).")
+    alpha: float = Field(default=0.9, ge=0.0, le=1.0, description="Weight of the soft term; 1 = labels unused.")
+
+
+class StagesSpec(_Strict):
+    teacher_finetune_epochs: int = Field(default=0, ge=0, le=10000, description="Adapt the teacher first.")
+    distill_epochs: int = Field(default=10, ge=0, le=10000, description="Knowledge transfer epochs.")
+    finetune_epochs: int = Field(
+        default=0, ge=0, le=10000, validate_default=True, description="Hard-label fine-tune of the student."
+    )
+    baseline: bool = Field(default=False, description="Also train the student without a teacher, same budget.")
+
+    @field_validator("finetune_epochs")
+    @classmethod
+    def _student_is_trained(cls, finetune_epochs: int, info: ValidationInfo) -> int:
+        if finetune_epochs == 0 and info.data.get("distill_epochs") == 0:
+            raise ValueError("the student needs at least one training stage: distill_epochs or finetune_epochs > 0")
+        return finetune_epochs
+
+    @property
+    def student_epochs(self) -> int:
+        return self.distill_epochs + self.finetune_epochs
+
+
+class OptimSpec(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = Field(default="adamw", description="Optimiser.")
+    lr: float = Field(default=1e-3, gt=0, le=10, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="Weight decay.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
+    schedule: Literal["cosine", "constant", "linear"] = Field(default="cosine", description="LR schedule per stage.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps at the start of each stage.")
+    teacher_lr: float | None = Field(default=None, gt=0, le=10, description="LR of the teacher fine-tune; lr/10.")
+    grad_clip: float | None = Field(default=None, gt=0, description="Clip the gradient norm to this.")
+
+
+class JobSpec(_Strict):
+    name: str | None = Field(default=None, max_length=200, description="Optional label.")
+    teacher: TeacherSpec
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    data: DataSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    stages: StagesSpec = Field(default_factory=StagesSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    batch_size: int = Field(default=128, ge=1, le=65536, description="Training batch size.")
+    eval_batch_size: int = Field(default=1024, ge=1, le=65536, description="Batch size for teacher and eval passes.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed for splits, init and shuffling.")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    precision: Precision = Field(default="fp32", description="Autocast precision for training.")
+    threads: int | None = Field(default=None, ge=1, le=512, description="torch threads; default: the machine's.")
+    export: list[ExportFormat] = Field(default=["safetensors", "torchscript", "onnx"], description="Student exports.")
+    quantize: Literal["none", "dynamic_int8"] = Field(default="none", description="Post-training quantisation.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, device: str) -> str:
+        if not _DEVICE_PATTERN.match(device):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return device
+
+    @field_validator("export")
+    @classmethod
+    def _export_unique(cls, export: list[str]) -> list[str]:
+        return list(dict.fromkeys(export))
+
+
+def _check_arch_name(arch: str) -> str:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(known_architectures())}")
+    return arch
+
+
+def _check_arch_args(arch: str | None, arch_args: dict[str, Any]) -> dict[str, Any]:
+    """Validate against the architecture's argument model; an unknown arch is reported on `arch` alone."""
+    if arch is None or arch not in ARCHITECTURES:
+        return arch_args
+    try:
+        validate_arch_args(arch, arch_args, field="")
+    except SpecError as exc:
+        raise ValueError("; ".join(f"{e['field'].lstrip('.')}: {e['message']}" for e in exc.errors)) from None
+    return arch_args
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Flatten pydantic's errors into {field, message} with dotted field paths."""
+    errors = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "spec"
+        message = err["msg"].removeprefix("Value error, ")
+        errors.append({"field": field, "message": message})
+    return errors
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a decoded spec; raise SpecError naming every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError([{"field": "spec", "message": "must be a mapping of fields"}])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(validation_errors(exc)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a spec from a YAML or JSON file (YAML is a superset, but JSON errors read better)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError([{"field": "spec", "message": f"file larger than {MAX_SPEC_BYTES} bytes"}])
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([{"field": "spec", "message": f"cannot read {path}: {exc.strerror}"}]) from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError([{"field": "spec", "message": f"not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}"}]) from None
+    return parse_spec(data)
+
+
+def resolve_local_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Make the spec's relative file paths relative to the spec file's folder (the CLI's convention)."""
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        candidate = Path(value).expanduser()
+        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+
+    update = spec.model_copy(deep=True)
+    update.teacher.file = resolve(spec.teacher.file) or spec.teacher.file
+    update.data.train = resolve(spec.data.train) or spec.data.train
+    update.data.test = resolve(spec.data.test)
+    return update
