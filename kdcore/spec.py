@@ -207,7 +207,8 @@ def load_spec(path: str | Path) -> JobSpec:
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError([{"field": "spec", "message": f"not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}"}]) from None
+        kind = path.suffix.lstrip(".") or "YAML"
+        raise SpecError([{"field": "spec", "message": f"not valid {kind}: {exc}"}]) from None
     return parse_spec(data)
 
 

@@ -1,0 +1,95 @@
+"""`distillery distill SPEC --out DIR`: one whole job on this machine, without the service."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdcore.callbacks import Callbacks, Progress
+from kdcore.errors import KDError, SpecError
+from kdcore.spec import load_spec, resolve_local_paths
+
+app = typer.Typer(add_completion=False, help="Distillery's local engine.")
+
+
+class ProgressBar(Callbacks):
+    """A tqdm bar over the whole job, with stage, epoch, ETA and the latest metrics."""
+
+    def __init__(self, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, disable=not enabled, unit="‰", bar_format=(
+            "{desc} |{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}"))
+        self.last_metrics: dict[str, float] = {}
+
+    def on_progress(self, progress: Progress) -> None:
+        epoch = f" {progress.epoch}/{progress.epochs}" if progress.epochs else ""
+        self.bar.set_description_str(f"{progress.stage}{epoch}")
+        self.bar.n = int(progress.fraction * 1000)
+        self.last_metrics.update(progress.metrics)
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in self.last_metrics.items()
+                              if k in ("train_loss", "val_accuracy")}, refresh=False)
+        self.bar.refresh()
+
+    def on_epoch_end(self, progress: Progress) -> None:
+        self.on_progress(progress)
+
+    def on_log(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def distill_command(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Job spec, YAML or JSON; paths are local.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the artifacts.")] = Path("out"),
+    resume: Annotated[bool, typer.Option(help="Continue from a checkpoint left in --out.")] = True,
+    allow_code_teachers: Annotated[bool, typer.Option(
+        "--allow-code-teachers", envvar="DISTILLERY_ALLOW_CODE_TEACHERS",
+        help="Load TorchScript and torch.export teachers (they run code: only for files you trust).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Distill a teacher into a student on this machine and write the artifacts to --out."""
+    from kdcore.pipeline import JobInputs, RunOptions, run_job
+
+    try:
+        spec = resolve_local_paths(load_spec(spec_path), spec_path.parent)
+        inputs = JobInputs(teacher=Path(spec.teacher.file), train=Path(spec.data.train),
+                           test=Path(spec.data.test) if spec.data.test else None)
+        for field, path in (("teacher.file", inputs.teacher), ("data.train", inputs.train),
+                            ("data.test", inputs.test)):
+            if path is not None and not path.is_file():
+                raise KDError(f"no such file: {path}", field=field, code="bad_input")
+        bar = ProgressBar(enabled=progress and sys.stderr.isatty())
+        try:
+            result = run_job(spec, inputs, RunOptions(out_dir=out, resume=resume,
+                                                      allow_code_teachers=allow_code_teachers), bar)
+        finally:
+            bar.close()
+    except SpecError as exc:
+        for error in exc.errors:
+            typer.echo(f"error: {error['field']}: {error['message']}", err=True)
+        raise typer.Exit(2) from None
+    except KDError as exc:
+        typer.echo(f"error [{exc.code}]: {exc}", err=True)
+        raise typer.Exit(1) from None
+    metrics = result.metrics
+    summary = {key: metrics[key]["accuracy"] for key in ("teacher", "student", "baseline") if metrics.get(key)}
+    typer.echo(json.dumps({"out": str(out), "accuracy": summary, "compression": round(metrics["compression"], 2),
+                           "speedup": round(metrics["speedup"], 2)}))
+
+
+app.command("distill")(distill_command)
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps `distill` a subcommand even while it is the only one."""
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

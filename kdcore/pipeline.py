@@ -1,0 +1,317 @@
+"""The staged pipeline of one job, top to bottom.
+
+check → teacher fine-tune (knowledge extraction) → teacher cache → distillation (knowledge
+transfer) → student fine-tune (model optimisation) → baseline → evaluation → export → report.
+Each stage is optional; finished stages are skipped when a run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcore import export as exporting
+from kdcore import report
+from kdcore.augment import augment_is_random, build_augment, check_augment_fits
+from kdcore.callbacks import Callbacks, Progress
+from kdcore.checkpoint import Checkpointer, RunState
+from kdcore.data import DataBundle, check_labels_fit, load_data
+from kdcore.errors import KDError
+from kdcore.evaluate import (
+    agreement,
+    classification_metrics,
+    confusion_matrix,
+    cpu_latency_ms,
+    parameter_count,
+    size_mb,
+)
+from kdcore.inference import predict_logits
+from kdcore.losses import build_distill_loss, cross_entropy_loss
+from kdcore.models import build_model
+from kdcore.runtime import Runtime, make_runtime, restore_rng, seed_everything, set_threads
+from kdcore.sharing import share_parameters
+from kdcore.spec import JobSpec
+from kdcore.teacher import Teacher, check_teacher_fits, load_teacher
+from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
+from kdcore.teacher_sniff import TeacherInfo, sniff_teacher
+from kdcore.trainer import DeviceData, ProgressTracker, Stage, Trainer
+
+STUDENT_STAGES = ("distill", "finetune")
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """Local paths of the job's files (the service downloads them first; the CLI has them already)."""
+
+    teacher: Path
+    train: Path
+    test: Path | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out_dir: Path
+    checkpoint_dir: Path | None = None
+    resume: bool = True
+    allow_code_teachers: bool = False
+    progress_interval_s: float = 1.0
+    latency_runs: int = 50
+    keep_checkpoint: bool = False
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.out_dir / "checkpoints"
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, Any]
+    artifacts: list[Path] = field(default_factory=list)
+    resumed_from: tuple[str, int] | None = None
+
+
+def plan_stages(spec: JobSpec, teacher: Teacher) -> list[Stage]:
+    stages = spec.stages
+    if stages.teacher_finetune_epochs and not teacher.trainable:
+        raise KDError(f"a {teacher.format} teacher cannot be fine-tuned here; set stages.teacher_finetune_epochs "
+                      "to 0 or hand in safetensors, a state_dict or TorchScript",
+                      field="stages.teacher_finetune_epochs", code="bad_input")
+    teacher_lr = spec.optim.teacher_lr or spec.optim.lr / 10
+    planned = [
+        ("teacher_finetune", "teacher", stages.teacher_finetune_epochs, teacher_lr),
+        ("distill", "student", stages.distill_epochs, spec.optim.lr),
+        ("finetune", "student", stages.finetune_epochs, spec.optim.lr),
+        ("baseline", "baseline", stages.student_epochs if stages.baseline else 0, spec.optim.lr),
+    ]
+    return [Stage(name, key, epochs, lr, index) for index, (name, key, epochs, lr) in enumerate(planned) if epochs]
+
+
+def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks | None = None) -> RunResult:
+    callbacks = callbacks or Callbacks()
+    set_threads(spec.threads)
+    runtime = make_runtime(spec.device, spec.precision)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+
+    # check: load everything and run one batch through the teacher, so bad input fails in seconds.
+    _announce(callbacks, "check")
+    seed_everything(spec.seed)
+    data = _with_teacher_classes(load_data(spec.data, train_path=inputs.train, test_path=inputs.test,
+                                           seed=spec.seed), sniff_teacher(inputs.teacher))
+    teacher = load_teacher(spec.teacher, inputs.teacher, input_shape=data.input_shape, num_classes=data.num_classes,
+                           allow_code=options.allow_code_teachers, device=runtime.device)
+    check_augment_fits(spec.data.augment, data.input_shape)
+    preprocess = data.preprocess.to(runtime.device)
+    check_teacher_fits(teacher, preprocess(data.train.x[:4].to(runtime.device)), data.num_classes)
+    teacher.module.eval().requires_grad_(False)
+    stages = plan_stages(spec, teacher)
+
+    checkpointer = Checkpointer(options.checkpoints)
+    state = (checkpointer.load() if options.resume else None) or RunState()
+    resumed_from = (state.stage, state.epoch) if state.stage else None
+    if resumed_from:
+        callbacks.on_log(f"resuming from the checkpoint after {state.stage} epoch {state.epoch}")
+
+    train = DeviceData(data.train.x.to(runtime.device), data.train.y.to(runtime.device))
+    val = DeviceData(data.val.x.to(runtime.device), data.val.y.to(runtime.device)) if data.val else None
+    trainer = Trainer(
+        runtime=runtime, optim=spec.optim, train=train, val=val, preprocess=preprocess,
+        augment=build_augment(spec.data.augment, fill=preprocess.zero_value),
+        batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
+        seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
+        tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
+    )
+    trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
+    trainer.tracker.skip_to(_steps_done(stages, state, trainer.steps_per_epoch))
+
+    models = _build_models(spec, data, teacher, state)
+    if state.rng is not None:
+        # Dropout draws from the global generator: continue it exactly where the checkpoint left it.
+        restore_rng(state.rng)
+    for stage in stages:
+        if _finished(stage, stages, state):
+            continue
+        model = models[stage.model_key].to(runtime.device)
+        if stage.name == "teacher_finetune":
+            teacher.module.requires_grad_(True)
+            trainer.fit(stage, model, cross_entropy_loss, state)
+            teacher.module.eval().requires_grad_(False)
+        elif stage.name == "distill":
+            targets = _teacher_targets(spec, teacher, train, preprocess, runtime, callbacks)
+            trainer.fit(stage, model, build_distill_loss(spec.method), state, teacher_targets=targets)
+        else:
+            trainer.fit(stage, model, cross_entropy_loss, state)
+
+    _announce(callbacks, "evaluate", fraction=1.0)
+    metrics = _evaluate(spec, data, inputs, models, preprocess, runtime, options, state)
+    _announce(callbacks, "export", fraction=1.0)
+    artifacts = _export(spec, data, models["student"], metrics, options)
+    _announce(callbacks, "report", fraction=1.0)
+    artifacts += _write_reports(spec, data, metrics, state, options)
+    if not options.keep_checkpoint:
+        checkpointer.clear()
+    return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
+
+
+def _with_teacher_classes(data: DataBundle, info: TeacherInfo) -> DataBundle:
+    """The teacher's output count is the class count, as long as every label fits in it.
+
+    A teacher may know classes absent from this data (labels 0..8 of a 10-way teacher).
+    """
+    if info.output_size is None or info.output_size == data.num_classes:
+        return data
+    check_labels_fit(data, info.output_size)
+    names = data.class_names + [str(i) for i in range(len(data.class_names), info.output_size)]
+    return dataclasses.replace(data, num_classes=info.output_size, class_names=names[:info.output_size])
+
+
+def _announce(callbacks: Callbacks, stage: str, *, fraction: float = 0.0) -> None:
+    callbacks.on_stage_start(stage, 0)
+    callbacks.on_progress(Progress(stage=stage, epoch=0, epochs=0, step=0, steps=0, fraction=fraction))
+
+
+def _finished(stage: Stage, stages: list[Stage], state: RunState) -> bool:
+    """A stage is done when the checkpoint is past it, or at its last epoch."""
+    if state.stage is None:
+        return False
+    names = [s.name for s in stages]
+    checkpoint_index = names.index(state.stage)
+    index = names.index(stage.name)
+    return index < checkpoint_index or (index == checkpoint_index and state.epoch >= stage.epochs)
+
+
+def _steps_done(stages: list[Stage], state: RunState, steps_per_epoch: int) -> int:
+    done = 0
+    for stage in stages:
+        if _finished(stage, stages, state):
+            done += stage.epochs * steps_per_epoch
+        elif stage.name == state.stage:
+            done += state.epoch * steps_per_epoch
+    return done
+
+
+def _build_models(spec: JobSpec, data: DataBundle, teacher: Teacher, state: RunState) -> dict[str, nn.Module]:
+    """The run's models, from the checkpoint where it has them. Student and baseline share one initialisation."""
+    def fresh_student() -> nn.Module:
+        torch.manual_seed(spec.seed)
+        return build_model(spec.student.arch, spec.student.arch_args, data.input_shape, data.num_classes)
+
+    student = fresh_student()
+    if spec.student.init_from_teacher and "student" not in state.models:
+        state.info["shared_parameters"] = share_parameters(teacher.module, student)
+    models = {"teacher": teacher.module, "student": student, "baseline": fresh_student()}
+    for key, weights in state.models.items():
+        models[key].load_state_dict(weights)
+    return models
+
+
+def _teacher_targets(spec: JobSpec, teacher: Teacher, train: DeviceData, preprocess: nn.Module, runtime: Runtime,
+                     callbacks: Callbacks) -> TeacherLogitsCache | LiveTeacher:
+    if augment_is_random(spec.data.augment):
+        return LiveTeacher(teacher.module, runtime)
+    # No random augmentation: the teacher sees the same inputs every epoch, so one pass is enough.
+    _announce(callbacks, "teacher_cache")
+    return TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=runtime,
+                                      batch_size=spec.eval_batch_size)
+
+
+def _eval_split(data: DataBundle) -> tuple[str, torch.Tensor, torch.Tensor]:
+    if data.test is not None:
+        return "test split", data.test.x, data.test.y
+    if data.val is not None:
+        return "validation split (no test set was given)", data.val.x, data.val.y
+    return "training data (no test set and val_fraction 0: accuracy is optimistic)", data.train.x, data.train.y
+
+
+def _evaluate(spec: JobSpec, data: DataBundle, inputs: JobInputs, models: dict[str, nn.Module], preprocess: nn.Module,
+              runtime: Runtime, options: RunOptions, state: RunState) -> dict[str, Any]:
+    split_name, x, y = _eval_split(data)
+    logits: dict[str, torch.Tensor] = {}
+    results: dict[str, Any] = {}
+    keys = ["teacher", "student"] + (["baseline"] if spec.stages.baseline else [])
+    for key in keys:
+        model = models[key]
+        logits[key] = predict_logits(model, x, preprocess=preprocess, runtime=runtime,
+                                     batch_size=spec.eval_batch_size)
+        cpu_model = model if runtime.device.type == "cpu" else model.cpu()
+        results[key] = {
+            **classification_metrics(logits[key], y, data.num_classes),
+            "params": parameter_count(model),
+            "size_mb": size_mb(model, inputs.teacher if key == "teacher" else None),
+            "latency_ms": cpu_latency_ms(cpu_model, data.input_shape, runs=options.latency_runs),
+        }
+        model.to(runtime.device)
+    student, teacher_metrics = results["student"], results["teacher"]
+    results.update(
+        agreement=agreement(logits["student"], logits["teacher"]),
+        compression=teacher_metrics["size_mb"] / max(student["size_mb"], 1e-9),
+        speedup=teacher_metrics["latency_ms"] / max(student["latency_ms"], 1e-9),
+        eval_split=split_name,
+        eval_samples=len(y),
+        class_names=data.class_names,
+        student_confusion=confusion_matrix(logits["student"], y, data.num_classes),
+        shared_parameters=state.info.get("shared_parameters", 0),
+    )
+    if "baseline" in results:
+        results["distillation_gain"] = student["accuracy"] - results["baseline"]["accuracy"]
+    if spec.quantize == "dynamic_int8":
+        results["student_int8"] = _evaluate_int8(models["student"], x, y, data, preprocess, options)
+    return results
+
+
+def _evaluate_int8(student: nn.Module, x: torch.Tensor, y: torch.Tensor, data: DataBundle, preprocess: nn.Module,
+                   options: RunOptions) -> dict[str, Any]:
+    quantized = exporting.quantize_dynamic_int8(student)
+    cpu = Runtime(device=torch.device("cpu"), precision="fp32")
+    logits = predict_logits(quantized, x, preprocess=preprocess.cpu(), runtime=cpu, batch_size=1024)
+    preprocess.to(next(iter(student.parameters())).device)
+    return {
+        **classification_metrics(logits, y, data.num_classes),
+        "params": parameter_count(student),
+        "size_mb": exporting.quantized_size_mb(quantized),
+        "latency_ms": cpu_latency_ms(quantized, data.input_shape, runs=options.latency_runs),
+    }
+
+
+def _export(spec: JobSpec, data: DataBundle, student: nn.Module, metrics: dict[str, Any],
+            options: RunOptions) -> list[Path]:
+    student = student.cpu().eval()
+    out = options.out_dir
+    metadata = {"arch": spec.student.arch, "arch_args": spec.student.arch_args,
+                "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                "class_names": data.class_names, "normalize": spec.data.normalize.model_dump()}
+    artifacts = []
+    if "safetensors" in spec.export:
+        artifacts.append(exporting.export_safetensors(student, out / "student.safetensors", metadata))
+    if "torchscript" in spec.export:
+        artifacts.append(exporting.export_torchscript(student, out / "student.ts", data.input_shape))
+    if "onnx" in spec.export:
+        artifacts.append(exporting.export_onnx(student, out / "student.onnx", data.input_shape))
+    if spec.quantize == "dynamic_int8":
+        quantized = exporting.quantize_dynamic_int8(student)
+        artifacts.append(exporting.export_torchscript(quantized, out / "student_int8.ts", data.input_shape))
+    return artifacts
+
+
+def _write_reports(spec: JobSpec, data: DataBundle, metrics: dict[str, Any], state: RunState,
+                   options: RunOptions) -> list[Path]:
+    out = options.out_dir
+    metrics_path = out / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    tensorboard_dir = out / "tensorboard"
+    shutil.rmtree(tensorboard_dir, ignore_errors=True)
+    report.write_tensorboard(state.history, tensorboard_dir)
+    return [
+        metrics_path,
+        report.write_history_csv(state.history, out / "history.csv"),
+        report.write_curves_png(state.history, out / "curves.png"),
+        report.write_report_md(spec, metrics, data.source, out / "report.md"),
+        *sorted(p for p in tensorboard_dir.rglob("*") if p.is_file()),
+    ]
+

@@ -1,0 +1,284 @@
+"""The training loop for one stage: fit / train_epoch / validate, with checkpoints and resume.
+
+Data lives on the device as stored (uint8 images stay uint8, 4x smaller); each batch is
+normalised and augmented there, so the loop never waits on a Python data loader.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcore.callbacks import Callbacks, Progress
+from kdcore.checkpoint import Checkpointer, RunState
+from kdcore.errors import CancelledError, TrainingDivergedError
+from kdcore.losses import LossFn
+from kdcore.runtime import Runtime, capture_rng
+from kdcore.spec import OptimSpec
+
+# Teacher targets for a batch: (sample indices, preprocessed inputs) -> teacher logits, or None.
+TeacherTargets = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # teacher_finetune | distill | finetune | baseline
+    model_key: str  # which model of the run it trains: teacher | student | baseline
+    epochs: int
+    lr: float
+    index: int  # position in the plan; seeds this stage's shuffling
+
+
+@dataclass
+class DeviceData:
+    """A split moved to the device once, in stored form."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class ProgressTracker:
+    """Turns steps into a job-wide fraction and an ETA measured on this process's own pace."""
+
+    total_steps: int
+    done_steps: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    steps_at_start: int = 0
+
+    def fraction(self) -> float:
+        return min(1.0, self.done_steps / self.total_steps) if self.total_steps else 1.0
+
+    def eta_s(self) -> float | None:
+        run_steps = self.done_steps - self.steps_at_start
+        if run_steps <= 0:
+            return None
+        elapsed = time.monotonic() - self.started_at
+        return elapsed / run_steps * max(0, self.total_steps - self.done_steps)
+
+    def skip_to(self, done_steps: int) -> None:
+        """After a resume: count finished work as done, but not in the pace."""
+        self.done_steps = self.steps_at_start = done_steps
+        self.started_at = time.monotonic()
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    # A final batch of one sample breaks BatchNorm in training mode, so it is dropped.
+    full, rest = divmod(num_samples, batch_size)
+    return full + (1 if rest > 1 else 0)
+
+
+def build_optimizer(spec: OptimSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True)
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
+
+
+def build_scheduler(
+    spec: OptimSpec, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = min(spec.warmup_steps, max(0, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if spec.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if spec.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        optim: OptimSpec,
+        train: DeviceData,
+        val: DeviceData | None,
+        preprocess: nn.Module,
+        augment: Augment | None,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        callbacks: Callbacks,
+        checkpointer: Checkpointer | None,
+        tracker: ProgressTracker,
+        progress_interval_s: float = 1.0,
+    ) -> None:
+        self.runtime = runtime
+        self.optim = optim
+        self.train = train
+        self.val = val
+        self.preprocess = preprocess
+        self.augment = augment
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.callbacks = callbacks
+        self.checkpointer = checkpointer
+        self.tracker = tracker
+        self.progress_interval_s = progress_interval_s
+        self.steps_per_epoch = steps_per_epoch(len(train), batch_size)
+
+    def fit(
+        self,
+        stage: Stage,
+        model: nn.Module,
+        loss_fn: LossFn,
+        state: RunState,
+        *,
+        teacher_targets: TeacherTargets | None = None,
+    ) -> None:
+        """Train `model` for the stage's epochs, continuing from `state` if it ended inside this stage."""
+        optimizer = build_optimizer(self.optim, model, stage.lr)
+        scheduler = build_scheduler(self.optim, optimizer, stage.epochs * self.steps_per_epoch)
+        shuffle_rng = torch.Generator().manual_seed(self.seed * 1_000_003 + stage.index)
+        start_epoch = 0
+        if state.stage == stage.name:
+            start_epoch = self._restore(state, optimizer, scheduler, shuffle_rng)
+        scaler = torch.amp.GradScaler("cuda") if self.runtime.needs_grad_scaler else None
+        self.callbacks.on_stage_start(stage.name, stage.epochs)
+
+        for epoch in range(start_epoch, stage.epochs):
+            started = time.monotonic()
+            train_metrics = self._train_epoch(stage, epoch, model, loss_fn, optimizer, scheduler, scaler,
+                                              shuffle_rng, teacher_targets)
+            metrics = {**train_metrics, **self.validate(model), "lr": float(scheduler.get_last_lr()[0]),
+                       "epoch_time_s": time.monotonic() - started}
+            state.history.append({"stage": stage.name, "epoch": epoch + 1, **metrics})
+            self._checkpoint(state, stage, epoch + 1, model, optimizer, scheduler, shuffle_rng)
+            self.callbacks.on_epoch_end(self._progress(stage, epoch + 1, self.steps_per_epoch, metrics))
+
+    def _train_epoch(
+        self,
+        stage: Stage,
+        epoch: int,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        scaler: torch.amp.GradScaler | None,
+        shuffle_rng: torch.Generator,
+        teacher_targets: TeacherTargets | None,
+    ) -> dict[str, float]:
+        model.train()
+        order = torch.randperm(len(self.train), generator=shuffle_rng).to(self.runtime.device)
+        loss_sum = torch.zeros((), device=self.runtime.device)
+        correct = torch.zeros((), device=self.runtime.device, dtype=torch.long)
+        seen = 0
+        last_report = time.monotonic()
+        for step in range(self.steps_per_epoch):
+            if self.callbacks.should_cancel():
+                raise CancelledError(f"cancelled during {stage.name} epoch {epoch + 1}")
+            indices = order[step * self.batch_size:(step + 1) * self.batch_size]
+            inputs = self.preprocess(self.train.x[indices])
+            if self.augment is not None:
+                inputs = self.augment(inputs, shuffle_rng)
+            labels = self.train.y[indices]
+            targets = teacher_targets(indices, inputs) if teacher_targets is not None else None
+
+            with self.runtime.autocast():
+                logits = model(inputs)
+            loss = loss_fn(logits, targets, labels)
+
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                self._clip(model)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                self._clip(model)
+                optimizer.step()
+            scheduler.step()
+
+            # Sums stay on the device: reading them every step would sync a GPU each time.
+            loss_sum += loss.detach() * len(indices)
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            seen += len(indices)
+            self.tracker.done_steps += 1
+            if time.monotonic() - last_report >= self.progress_interval_s:
+                last_report = time.monotonic()
+                running = self._finite_mean(loss_sum, seen, stage, epoch)
+                self.callbacks.on_progress(self._progress(stage, epoch + 1, step + 1, {"train_loss": running}))
+        return {"train_loss": self._finite_mean(loss_sum, seen, stage, epoch),
+                "train_accuracy": correct.item() / max(1, seen)}
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        if self.val is None or len(self.val) == 0:
+            return {}
+        model.eval()
+        loss_sum, correct = 0.0, 0
+        with torch.inference_mode():
+            for start in range(0, len(self.val), self.eval_batch_size):
+                inputs = self.preprocess(self.val.x[start:start + self.eval_batch_size])
+                labels = self.val.y[start:start + self.eval_batch_size]
+                with self.runtime.autocast():
+                    logits = model(inputs).float()
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += int((logits.argmax(dim=1) == labels).sum().item())
+        return {"val_loss": loss_sum / len(self.val), "val_accuracy": correct / len(self.val)}
+
+    def _clip(self, model: nn.Module) -> None:
+        if self.optim.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
+
+    def _finite_mean(self, loss_sum: torch.Tensor, seen: int, stage: Stage, epoch: int) -> float:
+        mean = loss_sum.item() / max(1, seen)
+        if not math.isfinite(mean):
+            raise TrainingDivergedError(
+                f"the {stage.name} loss became {mean} in epoch {epoch + 1}; lower optim.lr, set optim.grad_clip "
+                "or use precision fp32"
+            )
+        return mean
+
+    def _progress(self, stage: Stage, epoch: int, step: int, metrics: dict[str, float]) -> Progress:
+        return Progress(stage=stage.name, epoch=epoch, epochs=stage.epochs, step=step, steps=self.steps_per_epoch,
+                        fraction=self.tracker.fraction(), eta_s=self.tracker.eta_s(), metrics=metrics)
+
+    def _checkpoint(self, state: RunState, stage: Stage, epoch: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                    shuffle_rng: torch.Generator) -> None:
+        state.stage, state.epoch = stage.name, epoch
+        state.models[stage.model_key] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state.optimizer = optimizer.state_dict()
+        state.scheduler = scheduler.state_dict()
+        state.rng = capture_rng()
+        state.shuffle_rng = shuffle_rng.get_state()
+        if self.checkpointer is not None:
+            self.callbacks.on_checkpoint(self.checkpointer.save(state))
+
+    def _restore(self, state: RunState, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, shuffle_rng: torch.Generator) -> int:
+        if state.optimizer is not None:
+            optimizer.load_state_dict(state.optimizer)
+        if state.scheduler is not None:
+            scheduler.load_state_dict(state.scheduler)
+        if state.shuffle_rng is not None:
+            shuffle_rng.set_state(state.shuffle_rng)
+        return state.epoch
+
+
+def history_rows(state: RunState) -> list[dict[str, Any]]:
+    return list(state.history)

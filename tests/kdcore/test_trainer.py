@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch import nn
+
+from kdcore.callbacks import Callbacks
+from kdcore.checkpoint import Checkpointer, RunState
+from kdcore.errors import TrainingDivergedError
+from kdcore.losses import build_distill_loss, cross_entropy_loss
+from kdcore.models import build_model
+from kdcore.runtime import Runtime
+from kdcore.sharing import share_parameters
+from kdcore.spec import MethodSpec, OptimSpec
+from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
+from kdcore.trainer import DeviceData, ProgressTracker, Stage, Trainer, steps_per_epoch
+
+CPU = Runtime(device=torch.device("cpu"), precision="fp32")
+
+
+def _data(n: int = 96) -> DeviceData:
+    generator = torch.Generator().manual_seed(0)
+    return DeviceData(torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=generator),
+                      torch.randint(0, 3, (n,), generator=generator))
+
+
+def _trainer(data: DeviceData, *, augment=None, checkpointer=None) -> Trainer:
+    return Trainer(runtime=CPU, optim=OptimSpec(lr=1e-2), train=data, val=None,
+                   preprocess=_Scale(), augment=augment, batch_size=16, eval_batch_size=64, seed=0,
+                   callbacks=Callbacks(), checkpointer=checkpointer, tracker=ProgressTracker(total_steps=100))
+
+
+class _Scale(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255
+
+
+class CountingTeacher(nn.Module):
+    """A BatchNorm teacher that counts how many samples it was run on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_model("cnn", {"widths": [4], "hidden": 0}, (1, 8, 8), 3)
+        self.samples_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.samples_seen += len(x)
+        return self.net(x)
+
+
+def test_teacher_batchnorm_statistics_do_not_move_during_distillation() -> None:
+    data = _data()
+    teacher = CountingTeacher()
+    teacher.train()  # the live teacher must put it in eval mode itself
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+
+    _trainer(data).fit(Stage("distill", "student", 2, 1e-2, 1), student,
+                       build_distill_loss(MethodSpec()), RunState(), teacher_targets=LiveTeacher(teacher, CPU))
+
+    after = teacher.state_dict()
+    assert not teacher.training
+    assert all(torch.equal(before[k], after[k]) for k in before), "teacher buffers or weights changed"
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_cache_runs_the_teacher_once() -> None:
+    data = _data()
+    teacher = CountingTeacher().eval()
+    cache = TeacherLogitsCache.compute(teacher, data.x, preprocess=_Scale(), runtime=CPU, batch_size=32)
+    student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+
+    _trainer(data).fit(Stage("distill", "student", 3, 1e-2, 1), student,
+                       build_distill_loss(MethodSpec()), RunState(), teacher_targets=cache)
+
+    assert teacher.samples_seen == len(data)
+    assert cache.logits.dtype == torch.float16
+    with torch.no_grad():
+        exact = teacher(data.x.float() / 255)
+    assert torch.allclose(cache(torch.arange(len(data)), data.x.float()), exact, atol=1e-2)
+
+
+def test_live_teacher_runs_every_step_with_augmentation() -> None:
+    data = _data()
+    teacher = CountingTeacher()
+    student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+    flip = lambda x, g: x.flip(-1)  # noqa: E731
+    _trainer(data, augment=flip).fit(Stage("distill", "student", 2, 1e-2, 1), student,
+                                     build_distill_loss(MethodSpec()), RunState(),
+                                     teacher_targets=LiveTeacher(teacher, CPU))
+    assert teacher.samples_seen == 2 * steps_per_epoch(len(data), 16) * 16
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error() -> None:
+    def nan_loss(logits: torch.Tensor, teacher: object, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_loss(logits, None, labels) * float("nan")
+
+    student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+    with pytest.raises(TrainingDivergedError, match="loss became nan"):
+        _trainer(_data()).fit(Stage("finetune", "student", 1, 1e-2, 2), student, nan_loss, RunState())
+
+
+def test_checkpoint_written_every_epoch_and_loads_strictly(tmp_path) -> None:
+    checkpointer = Checkpointer(tmp_path)
+    state = RunState()
+    student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+    _trainer(_data(), checkpointer=checkpointer).fit(Stage("finetune", "student", 2, 1e-2, 2), student,
+                                                     cross_entropy_loss, state)
+    loaded = checkpointer.load()
+    assert loaded is not None
+    assert (loaded.stage, loaded.epoch) == ("finetune", 2)
+    assert torch.equal(loaded.models["student"]["3.weight"], student.state_dict()["3.weight"])
+    assert loaded.optimizer is not None and loaded.scheduler is not None and loaded.rng is not None
+    assert len(loaded.history) == 2
+
+
+def test_share_parameters_copies_matching_tensors_only() -> None:
+    teacher = build_model("mlp", {"hidden": [8, 8]}, (1, 4, 4), 3)
+    student = build_model("mlp", {"hidden": [8, 4]}, (1, 4, 4), 3)
+    shared = share_parameters(teacher, student)
+    # 1.weight, 1.bias and the output bias 5.bias match by name and shape; layer 3 and 5.weight do not.
+    assert shared == 3
+    assert torch.equal(student.state_dict()["1.weight"], teacher.state_dict()["1.weight"])
+    assert torch.equal(student.state_dict()["5.bias"], teacher.state_dict()["5.bias"])
+    assert not torch.equal(student.state_dict()["3.bias"], teacher.state_dict()["3.bias"][:4])
