@@ -36,6 +36,7 @@ class MLPArgs(ArchArgs):
 class CNNArgs(ArchArgs):
     widths: list[int] = Field(default=[32, 64], min_length=1, description="Channels of each conv block.")
     kernel_size: int = Field(default=3, ge=1, le=11, description="Kernel size of every conv layer.")
+    pool_size: int = Field(default=4, ge=1, le=32, description="Side of the pooled grid the classifier sees.")
     hidden: int = Field(default=128, ge=0, le=65536, description="Width of the classifier's hidden layer; 0 = none.")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
     batchnorm: bool = Field(default=True, description="BatchNorm2d after every conv layer.")
@@ -102,7 +103,7 @@ register(
 register(
     "cnn",
     family="builtin",
-    description="Small convnet: conv-BN-ReLU-maxpool blocks, global average pool, MLP head.",
+    description="Small convnet: conv-BN-ReLU-maxpool blocks, average pool to a small grid, MLP head.",
     args_model=CNNArgs,
     builder="kdcore.models:build_cnn",
 )

@@ -86,13 +86,16 @@ def build_cnn(args: CNNArgs, input_shape: Sequence[int], num_classes: int, arch:
             layers.append(nn.MaxPool2d(2))
             size //= 2
         channels = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    # A small grid rather than a global pool: digits and the like are told apart by where strokes are.
+    grid = min(args.pool_size, size)
+    layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]
+    features = channels * grid * grid
     if args.dropout:
         layers.append(nn.Dropout(args.dropout))
     if args.hidden:
-        layers += [nn.Linear(channels, args.hidden), nn.ReLU(inplace=True), nn.Linear(args.hidden, num_classes)]
+        layers += [nn.Linear(features, args.hidden), nn.ReLU(inplace=True), nn.Linear(args.hidden, num_classes)]
     else:
-        layers.append(nn.Linear(channels, num_classes))
+        layers.append(nn.Linear(features, num_classes))
     return nn.Sequential(*layers)
 
 
