@@ -1,0 +1,126 @@
+"""The `distillery` command: the service (serve, api), accounts (admin) and the local run (distill).
+
+Imports stay light (no torch, no FastAPI until a server starts) so `distillery --help` is instant.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+app = typer.Typer(name="distillery", help="Knowledge distillation as a service.", no_args_is_help=True)
+admin = typer.Typer(help="Accounts: users and API keys.", no_args_is_help=True)
+app.add_typer(admin, name="admin")
+
+Host = Annotated[str, typer.Option(help="Interface to listen on.")]
+Port = Annotated[int, typer.Option(help="TCP port.")]
+
+
+@app.command()
+def api(host: Host = "127.0.0.1", port: Port = 8000, workers: int = 1) -> None:
+    """Migrate the database, then run the API alone (a cluster's front)."""
+    _migrate_and_serve(host, port, workers)
+
+
+@app.command()
+def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Migrate, then run the API and a worker together on the embedded defaults."""
+    # TODO(worker issue): start a worker process beside the API and stop both on Ctrl-C.
+    _migrate_and_serve(host, port, 1)
+
+
+def _migrate_and_serve(host: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    from api.migrate import upgrade_to_head
+    from api.observability import configure_logging
+    from api.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    upgrade_to_head(settings)
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@admin.command("create-user")
+def create_user(name: Annotated[str, typer.Argument(help="A unique user name.")]) -> None:
+    """Create a user and print its API key (last on the line; shown once, never stored)."""
+    from api.services import users
+
+    with _session() as session:
+        try:
+            user, key = users.create_user(session=session, name=name)
+        except users.UserExistsError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"created user {user.name} ({user.id}); API key: {key}")
+
+
+@admin.command("create-key")
+def create_key(name: Annotated[str, typer.Argument(help="The user's name.")]) -> None:
+    """Give an existing user another API key (printed last on the line)."""
+    from api.services import users
+
+    with _session() as session:
+        user = users.get_user_by_name(session=session, name=name)
+        if user is None:
+            typer.echo(f"error: no user {name!r}", err=True)
+            raise typer.Exit(1)
+        api_key, key = users.create_key(session=session, user_id=user.id)
+        session.commit()
+    typer.echo(f"new key {api_key.id} for {user.name}; API key: {key}")
+
+
+@admin.command("revoke-key")
+def revoke_key(key: Annotated[str, typer.Argument(help="The key, or its lookup id (the part after dk_).")]) -> None:
+    """Revoke an API key at once."""
+    from api.services import users
+
+    with _session() as session:
+        revoked = users.revoke_key(session=session, key_id=key)
+    if not revoked:
+        typer.echo("error: no such active key", err=True)
+        raise typer.Exit(1)
+    typer.echo("revoked")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def distill(ctx: typer.Context) -> None:
+    """Run one job on this machine without the service: distillery distill SPEC --out DIR."""
+    # kdcore's command imports torch; it is loaded only when asked for.
+    from kdcore.cli import distill_command  # type: ignore[import-not-found,unused-ignore]
+
+    local = typer.Typer(add_completion=False)
+    local.command()(distill_command)
+    local(args=ctx.args, prog_name="distillery distill")
+
+
+def _session() -> Session:
+    from api.db import create_db_engine, create_session_factory
+    from api.migrate import upgrade_to_head
+    from api.settings import get_settings
+
+    settings = get_settings()
+    upgrade_to_head(settings)
+    return create_session_factory(create_db_engine(settings.database_url))()
+
+
+if __name__ == "__main__":
+    app()

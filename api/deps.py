@@ -1,0 +1,131 @@
+"""Dependencies as named types, so a view's signature reads like a sentence."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import ApiError, not_found
+from api.models import File, Job
+from api.services import files, jobs, users
+from api.services.users import Principal
+from api.settings import Settings
+from api.storage import Storage
+
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dk_...`.")
+
+
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # async on purpose: opening a session does no I/O, and a sync generator dependency would cost
+    # every request a thread hop; the queries themselves run in the views' thread pool.
+    session: Session = request.app.state.session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """A misspelt query parameter (`?stat=running`) is a 422 naming it, not silently ignored."""
+    if not request.query_params:
+        return
+    route: APIRoute = request.scope["route"]
+    known = getattr(route, "_known_query_params", None)
+    if known is None:
+        known = _known_query_params(route)
+        route._known_query_params = known  # type: ignore[attr-defined]  # computed once per route
+    for name in request.query_params:
+        if name not in known:
+            expected = ", ".join(sorted(known)) or "none"
+            raise ApiError(
+                422, "invalid_request", f"unknown query parameter {name!r}; expected: {expected}", field=name
+            )
+
+
+def _known_query_params(route: APIRoute) -> frozenset[str]:
+    def walk(dependant: Dependant) -> Iterator[str]:
+        yield from (param.alias for param in dependant.query_params)
+        for sub in dependant.dependencies:
+            yield from walk(sub)
+
+    return frozenset(walk(route.dependant))
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+async def current_user(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    if credentials is None:
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "send your API key as `Authorization: Bearer dk_...`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    cache: users.AuthCache = request.app.state.auth_cache
+    principal = cache.get(credentials.credentials)
+    if principal is None:
+        principal = await run_in_threadpool(users.authenticate, session=session, plaintext=credentials.credentials)
+        cache.put(credentials.credentials, principal)
+    request.state.user_id = principal.id  # for the access log
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(current_user)]
+
+JobId = Annotated[str, Path(max_length=64, description="A job id.", examples=["job_01j9z3m8k2q4x7v5t6r8s0w1yb"])]
+FileId = Annotated[str, Path(max_length=64, description="A file id.", examples=["file_01j9z3m8k2q4x7v5t6r8s0w1ya"])]
+
+
+def owned_job(job_id: JobId, user: CurrentUser, session: SessionDep) -> Job:
+    """The caller's job; another user's is a 404 exactly like a missing one."""
+    job = jobs.get_job(session=session, owner_id=user.id, job_id=job_id)
+    _release_connection(session)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def owned_file(file_id: FileId, user: CurrentUser, session: SessionDep) -> File:
+    row = files.get_file(session=session, owner_id=user.id, file_id=file_id)
+    _release_connection(session)
+    if row is None:
+        raise not_found("file", file_id)
+    return row
+
+
+def _release_connection(session: Session) -> None:
+    # End the read transaction now: the session would otherwise hold its pooled connection until
+    # the request is over (after the response is serialised and sent), and under load the pool
+    # runs dry while connections sit idle in finished views. Rows stay loaded (expire_on_commit
+    # is off); a view that queries again simply starts a new transaction.
+    session.commit()
+
+
+OwnedJob = Annotated[Job, Depends(owned_job)]
+OwnedFile = Annotated[File, Depends(owned_file)]
+
+__all__ = ["CurrentUser", "OwnedFile", "OwnedJob", "SessionDep", "SettingsDep", "StorageDep"]

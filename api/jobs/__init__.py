@@ -1,0 +1,1 @@
+"""Job lifecycle: every state transition lives in `api.jobs.state`."""
