@@ -26,6 +26,7 @@ from api.routers import architectures, artifacts, errors, files, health, jobs
 from api.services.users import AuthCache
 from api.settings import Settings, get_settings
 from api.storage import Storage
+from api.web import mount_web
 
 API_VERSION = "1.0.0"
 DESCRIPTION = """\
@@ -100,6 +101,7 @@ def create_app(
     for router in (files.router, jobs.router, artifacts.router, architectures.router):
         v1.include_router(router)
     app.include_router(v1)
+    mount_web(app)
     return app
 
 

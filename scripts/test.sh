@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 
 "$(dirname "$0")/ensure_services.sh"
+"$(dirname "$0")/ensure_browser.sh"
 exec "$BIN/python" -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,196 @@
+/* Distillery pages: small progressive enhancements. No inline scripts (the CSP forbids them). */
+(function () {
+  "use strict";
+  document.documentElement.classList.add("js");
+
+  var csrfMeta = document.querySelector('meta[name="csrf-token"]');
+  var csrfToken = csrfMeta ? csrfMeta.getAttribute("content") : "";
+
+  function formatSize(bytes) {
+    var units = ["B", "kB", "MB", "GB"];
+    var size = bytes;
+    for (var i = 0; i < units.length; i++) {
+      if (size < 1000 || i === units.length - 1) {
+        return i === 0 ? size + " B" : size.toFixed(1) + " " + units[i];
+      }
+      size /= 1000;
+    }
+    return bytes + " B";
+  }
+
+  function fileLabel(file) {
+    var info = file.info || {};
+    var parts = [file.name, formatSize(file.size)];
+    if (file.purpose === "dataset" && info.num_train != null) {
+      var shape = (info.sample_shape || []).join("×");
+      var test = info.num_test ? " / " + info.num_test + " test" : "";
+      var classes = info.num_classes ? ", " + info.num_classes + " classes" : "";
+      parts.push(info.num_train + " train" + test + ", " + shape + classes);
+    } else if (file.purpose === "teacher" && info.format) {
+      parts.push(info.format + (info.output_size ? ", " + info.output_size + " outputs" : ""));
+    }
+    return parts.join(" · ");
+  }
+
+  // Jobs list: the state filter applies as soon as it changes.
+  document.querySelectorAll("select[data-autosubmit]").forEach(function (select) {
+    select.addEventListener("change", function () {
+      if (select.form) select.form.requestSubmit();
+    });
+  });
+
+  // New job: show the arguments of the chosen architecture.
+  function showArchArgs(select) {
+    var owner = select.getAttribute("data-arch-owner");
+    document.querySelectorAll('.arch-args[data-owner="' + owner + '"]').forEach(function (block) {
+      block.hidden = block.getAttribute("data-arch") !== select.value;
+    });
+  }
+  document.querySelectorAll("select[data-arch-owner]").forEach(function (select) {
+    select.addEventListener("change", function () { showArchArgs(select); });
+    showArchArgs(select);
+  });
+
+  // New job: uploads go to /web/files with a progress bar, then the new file is selected.
+  var uploadsRunning = 0;
+  function setStatus(element, text, kind) {
+    element.textContent = text;
+    element.classList.toggle("is-error", kind === "error");
+    element.classList.toggle("is-done", kind === "done");
+  }
+
+  function addChoice(file, targetSelect) {
+    var label = fileLabel(file);
+    document.querySelectorAll('select[data-purpose="' + file.purpose + '"]').forEach(function (select) {
+      var option = document.createElement("option");
+      option.value = file.id;
+      option.textContent = label;
+      select.insertBefore(option, select.options[1] || null);
+    });
+    targetSelect.value = file.id;
+    targetSelect.dispatchEvent(new Event("change", { bubbles: true }));
+  }
+
+  document.querySelectorAll("input[type=file][data-upload-for]").forEach(function (input) {
+    input.addEventListener("change", function () {
+      var file = input.files && input.files[0];
+      if (!file) return;
+      var baseId = input.getAttribute("data-upload-for");
+      var select = document.getElementById(baseId);
+      var progress = document.getElementById(baseId + "-progress");
+      var status = document.getElementById(baseId + "-status");
+      var submit = document.getElementById("submit-job");
+      var body = new FormData();
+      body.append("purpose", input.getAttribute("data-purpose"));
+      body.append("file", file, file.name);
+
+      var request = new XMLHttpRequest();
+      request.open("POST", "/web/files");
+      request.setRequestHeader("X-CSRF-Token", csrfToken);
+      request.setRequestHeader("Accept", "application/json");
+      request.upload.addEventListener("progress", function (event) {
+        if (event.lengthComputable) {
+          progress.value = event.loaded / event.total;
+          setStatus(status, "Uploading " + file.name + ": " + Math.round((100 * event.loaded) / event.total) + "%");
+        }
+      });
+      request.addEventListener("load", function () {
+        uploadsRunning -= 1;
+        if (submit && uploadsRunning === 0) submit.disabled = false;
+        var answer = null;
+        try { answer = JSON.parse(request.responseText); } catch (error) { answer = null; }
+        if (request.status === 201 && answer) {
+          progress.value = 1;
+          addChoice(answer, select);
+          setStatus(status, "Uploaded and checked: " + fileLabel(answer), "done");
+        } else {
+          progress.hidden = true;
+          var message = answer && answer.error ? answer.error.message : "the upload failed (HTTP " + request.status + ")";
+          setStatus(status, "Not uploaded: " + message, "error");
+        }
+        input.value = "";
+      });
+      request.addEventListener("error", function () {
+        uploadsRunning -= 1;
+        if (submit && uploadsRunning === 0) submit.disabled = false;
+        progress.hidden = true;
+        setStatus(status, "Not uploaded: the connection failed; try again.", "error");
+      });
+      uploadsRunning += 1;
+      if (submit) submit.disabled = true;
+      progress.hidden = false;
+      progress.value = 0;
+      setStatus(status, "Uploading " + file.name + "…");
+      request.send(body);
+    });
+  });
+
+  // New job: the spec as YAML and curl, refreshed while the view is open.
+  var specView = document.getElementById("spec-view");
+  var jobForm = document.getElementById("job-form");
+  if (specView && jobForm) {
+    var target = document.getElementById("spec-preview");
+    var pending = null;
+    var refresh = function () {
+      if (!specView.open) return;
+      fetch(specView.getAttribute("data-preview-url"), {
+        method: "POST",
+        body: new FormData(jobForm),
+        headers: { "X-CSRF-Token": csrfToken },
+        credentials: "same-origin",
+      })
+        .then(function (response) { return response.text().then(function (text) { return [response.ok, text]; }); })
+        .then(function (result) {
+          if (result[0]) target.innerHTML = result[1];
+          else target.textContent = "The preview is not available right now.";
+        })
+        .catch(function () { target.textContent = "The preview is not available right now."; });
+    };
+    specView.addEventListener("toggle", refresh);
+    jobForm.addEventListener("input", function () {
+      if (pending) clearTimeout(pending);
+      pending = setTimeout(refresh, 400);
+    });
+    jobForm.addEventListener("change", function () {
+      if (pending) clearTimeout(pending);
+      pending = setTimeout(refresh, 150);
+    });
+  }
+
+  if (jobForm) {
+    jobForm.addEventListener("submit", function (event) {
+      if (uploadsRunning > 0) {
+        event.preventDefault();
+      }
+    });
+    var summary = document.getElementById("form-errors");
+    if (summary) summary.focus();
+  }
+
+  // Copy buttons (in fragments too, hence the delegation).
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest ? event.target.closest("[data-copy]") : null;
+    if (!button) return;
+    var source = document.getElementById(button.getAttribute("data-copy"));
+    if (!source) return;
+    var text = source.textContent;
+    var done = function () {
+      var label = button.textContent;
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = label; }, 1500);
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done, function () { selectText(source); });
+    } else {
+      selectText(source);
+    }
+  });
+
+  function selectText(element) {
+    var range = document.createRange();
+    range.selectNodeContents(element);
+    var selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+  }
+})();

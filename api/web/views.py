@@ -1,0 +1,442 @@
+"""The browser interface's pages and the few endpoints their scripts call.
+
+Thin views over the same service functions the /v1 routes use (`api.services.jobs`, `files`,
+`artifacts`, `events`, `users.authenticate`); uploads go through the API's own upload view, so
+quotas, limits and file checks are the API's exactly. Every route here needs a signed-in
+session (`WebUser`) except the sign-in form; every POST checks the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shlex
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import anyio
+import yaml
+from fastapi import APIRouter, Form, Header, Query, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep, StorageDep
+from api.errors import ApiError
+from api.models import FilePurpose, Job, JobState
+from api.routers import download_headers
+from api.routers import files as files_api
+from api.schemas import ArtifactOut, FileOut, JobOut
+from api.security import parse_key
+from api.services import artifacts, events, files, jobs, users
+from api.services.users import Principal
+from api.web import report
+from api.web.forms import FILE_FIELDS, FormValues, SpecForm, spec_form
+from api.web.rendering import render, secure
+from api.web.session import (
+    CsrfForm,
+    CsrfHeader,
+    OptionalWebUser,
+    WebSettings,
+    WebUser,
+    clear_session,
+    start_session,
+)
+from api.web.timeline import STAGE_LABELS, Timeline, load_timeline, stage_before, stage_label
+from kdcore.spec import JobSpec
+
+root_router = APIRouter(include_in_schema=False)
+router = APIRouter(prefix="/web", include_in_schema=False)
+
+STATES = [state.value for state in JobState]
+UPLOAD_CHOICES = 50
+
+
+class PageNotFoundError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _redirect(url: str) -> RedirectResponse:
+    return secure(RedirectResponse(url, status_code=303))
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path on this site: `//evil.example` and `https://...` are open redirects."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/web/jobs"
+
+
+def _is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def _web_settings(request: Request) -> WebSettings:
+    web_settings: WebSettings = request.app.state.web_settings
+    return web_settings
+
+
+def _owned_job(session: Session, user: Principal, job_id: str) -> Job:
+    job = jobs.get_job(session=session, owner_id=user.id, job_id=job_id) if len(job_id) <= 64 else None
+    session.commit()  # end the read transaction; the row stays loaded
+    if job is None:
+        raise PageNotFoundError(f"There is no job {job_id} of yours.")
+    return job
+
+
+# ------------------------------------------------------------------------------------ sign-in
+
+
+@root_router.get("/")
+@root_router.get("/web")
+async def home(user: OptionalWebUser) -> RedirectResponse:
+    return _redirect("/web/jobs" if user else "/web/login")
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_page(request: Request, user: OptionalWebUser, next: str | None = None) -> Response:
+    if user is not None:
+        return _redirect(_safe_next(next))
+    return render(request, "login.html", {"next": _safe_next(next), "error": None})
+
+
+@router.post("/login", response_class=HTMLResponse, dependencies=[CsrfForm])
+async def login(
+    request: Request,
+    session: SessionDep,
+    api_key: Annotated[str, Form(max_length=200)] = "",
+    next: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    key = api_key.strip()
+    try:
+        principal = await run_in_threadpool(users.authenticate, session=session, plaintext=key)
+    except ApiError as exc:
+        message = exc.message if exc.status == 403 else "That API key is not valid. Check it and try again."
+        # 200, not 401: the browser shows the page either way, but would log an error for a 4xx document.
+        return render(request, "login.html", {"next": _safe_next(next), "error": message})
+    response = _redirect(_safe_next(next))
+    start_session(request, response, principal, parse_key(key) or "")
+    return response
+
+
+@router.post("/logout", dependencies=[CsrfForm])
+async def logout(request: Request) -> RedirectResponse:
+    response = _redirect("/web/login")
+    clear_session(request, response)
+    return response
+
+
+# ------------------------------------------------------------------------------------- jobs list
+
+
+def _list_jobs(session: Session, user: Principal, state: JobState | None, cursor: str | None,
+               limit: int) -> tuple[list[JobOut], str | None]:
+    rows, next_cursor = jobs.list_jobs(session=session, owner_id=user.id, limit=limit, cursor=cursor,
+                                       state_filter=state)
+    return [JobOut.of(row) for row in rows], next_cursor
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs_page(
+    request: Request,
+    user: WebUser,
+    session: SessionDep,
+    state: Annotated[str | None, Query(max_length=20)] = None,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    chosen = JobState(state) if state in STATES else None
+    items, next_cursor = _list_jobs(session, user, chosen, cursor or None, _web_settings(request).jobs_page_size)
+    query = urlencode({k: v for k, v in {"state": chosen.value if chosen else None, "cursor": cursor}.items() if v})
+    context = {
+        "user": user,
+        "jobs": items,
+        "state": chosen.value if chosen else "",
+        "states": STATES,
+        "cursor": cursor or "",
+        "next_cursor": next_cursor,
+        "live": any(job.state in ("queued", "running") for job in items),
+        "page_url": f"/web/jobs?{query}" if query else "/web/jobs",
+    }
+    template = "_jobs_table.html" if _is_htmx(request) and request.headers.get("hx-target") == "jobs-table" else (
+        "jobs.html"
+    )
+    return render(request, template, context)
+
+
+# ------------------------------------------------------------------------------------- new job
+
+
+def _uploads(session: Session, user: Principal, values: FormValues) -> dict[str, list[FileOut]]:
+    """Earlier uploads to choose from, per purpose, including any the form refers to."""
+    choices: dict[str, list[FileOut]] = {}
+    for purpose in FilePurpose:
+        rows, _ = files.list_files(session=session, owner_id=user.id, limit=UPLOAD_CHOICES, purpose=purpose)
+        choices[purpose.value] = [FileOut.of(row) for row in rows]
+    for name, purpose_name in FILE_FIELDS.items():
+        file_id = values.get(name)
+        if isinstance(file_id, str) and file_id and all(f.id != file_id for f in choices[purpose_name]):
+            row = files.get_file(session=session, owner_id=user.id, file_id=file_id)
+            if row is not None and row.purpose == purpose_name:
+                choices[purpose_name].append(FileOut.of(row))
+    session.commit()
+    return choices
+
+
+def _form_page(request: Request, session: Session, user: Principal, values: FormValues, *,
+               errors: dict[str, list[str]] | None = None, general: list[str] | None = None,
+               source_job: str | None = None, status_code: int = 200) -> Response:
+    form = spec_form()
+    context = {
+        "user": user,
+        "form": form,
+        "values": values,
+        "errors": errors or {},
+        "general_errors": general or [],
+        "uploads": _uploads(session, user, values),
+        "source_job": source_job,
+        "idempotency_key": secrets.token_urlsafe(16),
+        "architectures": {info.name: info for info in form.architectures},
+    }
+    return render(request, "new_job.html", context, status_code=status_code)
+
+
+@router.get("/jobs/new", response_class=HTMLResponse)
+def new_job_page(
+    request: Request,
+    user: WebUser,
+    session: SessionDep,
+    from_job: Annotated[str | None, Query(alias="from", max_length=64)] = None,
+) -> Response:
+    form = spec_form()
+    values = form.defaults()
+    if from_job:
+        source = _owned_job(session, user, from_job)
+        values = form.values_from_spec(source.spec)
+    return _form_page(request, session, user, values, source_job=from_job)
+
+
+def _submit(session: Session, settings: Any, user: Principal, spec: JobSpec, idempotency_key: str | None) -> Job:
+    submission = jobs.submit_job(
+        session=session, settings=settings, owner_id=user.id, spec=spec, idempotency_key=idempotency_key
+    )
+    if submission.created:
+        jobs.enqueue(session=session, settings=settings, job=submission.job)
+    return submission.job
+
+
+@router.post("/jobs", response_class=HTMLResponse, dependencies=[CsrfForm])
+async def create_job(request: Request, user: WebUser, session: SessionDep, settings: SettingsDep) -> Response:
+    form = spec_form()
+    submitted = await request.form()
+    values = form.values_from_form(submitted)
+    raw_key = submitted.get("idempotency_key")
+    idempotency_key = raw_key[:255] if isinstance(raw_key, str) and raw_key else None
+    raw_source = submitted.get("source_job")
+    source_job = raw_source if isinstance(raw_source, str) and raw_source else None
+    checked = form.validate(values)
+    if checked.spec is None:
+        # Re-rendered with 200 (not 422) for the same reason as a failed sign-in: no console error.
+        return await run_in_threadpool(_form_page, request, session, user, values, errors=checked.errors,
+                                       general=checked.general, source_job=source_job)
+    try:
+        job = await run_in_threadpool(_submit, session, settings, user, checked.spec, idempotency_key)
+    except ApiError as exc:
+        session.rollback()
+        errors: dict[str, list[str]] = {}
+        general: list[str] = []
+        control = form.control_for(exc.field, values)[0] if exc.field else None
+        if control is None:
+            general.append(exc.message)
+        else:
+            errors[control] = [exc.message]
+        return await run_in_threadpool(_form_page, request, session, user, values, errors=errors, general=general,
+                                       source_job=source_job)
+    return _redirect(f"/web/jobs/{job.id}")
+
+
+def _minimal_spec(form: SpecForm, values: FormValues) -> tuple[dict[str, Any], bool]:
+    """The spec for the YAML / curl view: without the fields left at their defaults when it is valid."""
+    checked = form.validate(values)
+    if checked.spec is None:
+        return form.to_spec(values), False
+    data = checked.spec.model_dump(mode="json", exclude_defaults=True)
+    for owner in ("teacher", "student"):
+        part = data.get(owner) or {}
+        info = form.arch_info(form.selected_arch(values, owner) or "")
+        if info is not None and isinstance(part.get("arch_args"), dict):
+            part["arch_args"] = {k: v for k, v in part["arch_args"].items() if info.defaults.get(k) != v}
+            if not part["arch_args"]:
+                del part["arch_args"]
+    return data, True
+
+
+@router.post("/jobs/preview", response_class=HTMLResponse, dependencies=[CsrfForm])
+async def preview_spec(request: Request, user: WebUser) -> Response:
+    form = spec_form()
+    values = form.values_from_form(await request.form())
+    data, valid = _minimal_spec(form, values)
+    base = str(request.base_url).rstrip("/")
+    body = json.dumps(data, indent=2)
+    curl = (
+        f"curl -X POST {shlex.quote(base + '/v1/jobs')} \\\n"
+        '  -H "Authorization: Bearer $DISTILLERY_API_KEY" \\\n'
+        "  -H 'Content-Type: application/json' \\\n"
+        f"  --data-binary @- <<'JSON'\n{body}\nJSON"
+    )
+    context = {"user": user, "yaml_text": yaml.safe_dump(data, sort_keys=False, allow_unicode=True),
+               "curl_text": curl, "valid": valid}
+    return render(request, "_spec_preview.html", context)
+
+
+@router.post("/files", response_model=FileOut, status_code=201, dependencies=[CsrfHeader])
+async def upload_file(
+    request: Request,
+    response: Response,
+    user: WebUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> FileOut:
+    """The API's own upload (`POST /v1/files`), authenticated by the browser session instead of a bearer key."""
+    return await files_api.create_file(request, response, user, session, settings, storage)
+
+
+# --------------------------------------------------------------------------------------- one job
+
+
+def _job_context(session: Session, user: Principal, job: Job) -> dict[str, Any]:
+    out = JobOut.of(job)
+    timeline = load_timeline(session, job.id)
+    rows = artifacts.list_artifacts(session=session, job_id=job.id) if job.state == JobState.SUCCEEDED else []
+    session.commit()
+    return {
+        "user": user,
+        "job": out,
+        "timeline": timeline,
+        "curves": timeline.points,
+        "comparison": report.comparison(out.metrics) if out.state == "succeeded" else None,
+        "artifacts": [ArtifactOut.of(row) for row in rows],
+        "spec_yaml": yaml.safe_dump(out.spec, sort_keys=False, allow_unicode=True),
+        "finished": out.state in ("succeeded", "failed", "cancelled"),
+        "stage_labels": STAGE_LABELS,
+    }
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: str, user: WebUser, session: SessionDep) -> Response:
+    job = _owned_job(session, user, job_id)
+    return render(request, "job.html", _job_context(session, user, job))
+
+
+@router.get("/jobs/{job_id}/results", response_class=HTMLResponse)
+def job_results(request: Request, job_id: str, user: WebUser, session: SessionDep) -> Response:
+    """What changes when a job ends (results, actions, error), fetched by the page without a reload."""
+    job = _owned_job(session, user, job_id)
+    return render(request, "_job_results.html", {**_job_context(session, user, job), "oob": True})
+
+
+@router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse, dependencies=[CsrfForm])
+def cancel_job(request: Request, job_id: str, user: WebUser, session: SessionDep) -> Response:
+    job = _owned_job(session, user, job_id)
+    message = None
+    try:
+        job = jobs.cancel_job(session=session, job=job)
+    except ApiError as exc:
+        session.rollback()
+        message = exc.message
+    if not _is_htmx(request):
+        return _redirect(f"/web/jobs/{job.id}")
+    return render(request, "_job_actions.html", {"user": user, "job": JobOut.of(job), "action_error": message,
+                                                 "finished": job.state in ("succeeded", "failed", "cancelled")})
+
+
+@router.post("/jobs/{job_id}/delete", response_class=HTMLResponse, dependencies=[CsrfForm])
+def delete_job(request: Request, job_id: str, user: WebUser, session: SessionDep, storage: StorageDep) -> Response:
+    job = _owned_job(session, user, job_id)
+    try:
+        jobs.delete_job(session=session, storage=storage, job=job)
+    except ApiError as exc:
+        session.rollback()
+        return render(request, "error.html", {"user": user, "title": "Cannot delete this job",
+                                              "message": exc.message}, status_code=exc.status)
+    return _redirect("/web/jobs")
+
+
+@router.get("/jobs/{job_id}/artifacts/{name:path}")
+def download_artifact(job_id: str, name: str, user: WebUser, session: SessionDep,
+                      storage: StorageDep) -> StreamingResponse:
+    job = _owned_job(session, user, job_id)
+    artifact = artifacts.get_artifact(session=session, job_id=job.id, name=name)
+    session.commit()
+    if artifact is None:
+        raise PageNotFoundError(f"Job {job.id} has no artifact {name}.")
+    headers = {**download_headers(artifact.name, artifact.size, artifact.sha256), "Cache-Control": "private"}
+    return StreamingResponse(storage.iter_chunks(artifact.storage_key), media_type=artifact.content_type,
+                             headers=headers)
+
+
+@router.get("/jobs/{job_id}/events")
+async def job_events(
+    request: Request,
+    job_id: str,
+    user: WebUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: Annotated[int | None, Query(ge=0, description="Send the events after this id.")] = None,
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+) -> EventSourceResponse:
+    """The job's events as server-sent events, each with its log line and curve point ready to show."""
+    job = await run_in_threadpool(_owned_job, session, user, job_id)
+    start = max(after or 0, last_event_id or 0)
+    return EventSourceResponse(
+        _page_events(request.app.state.session_factory, job.id, start, settings.events_poll_seconds, request),
+        ping=settings.events_ping_seconds,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _page_events(session_factory: sessionmaker[Session], job_id: str, after_id: int, poll_seconds: float,
+                       request: Request) -> AsyncIterator[ServerSentEvent]:
+    timeline = Timeline()
+
+    def read(after: int, first: bool) -> tuple[bool, list[ServerSentEvent]]:
+        with session_factory() as session:
+            if first and after:
+                timeline.stage = stage_before(session, job_id, after)
+            finished = events.job_finished(session=session, job_id=job_id)
+            rows = events.events_after(session=session, job_id=job_id, after_id=after)
+        batch = []
+        for row in rows:
+            data = row.data or {}
+            line, point = timeline.feed(row.id, row.kind, data, row.created_at)
+            payload = {
+                "kind": row.kind,
+                "at": row.created_at.isoformat(),
+                "data": data,
+                "stage_label": stage_label(timeline.stage),
+                "line": {"text": line.text, "level": line.level} if line else None,
+                "point": point or None,
+            }
+            batch.append(ServerSentEvent(id=str(row.id), event=row.kind, data=json.dumps(payload)))
+        return finished, batch
+
+    first = True
+    while True:
+        finished, batch = await run_in_threadpool(read, after_id, first)
+        first = False
+        for event in batch:
+            yield event
+            after_id = int(event.id or after_id)
+        if finished and not batch:
+            return
+        if not batch:
+            if await request.is_disconnected():
+                return
+            await anyio.sleep(poll_seconds)
+
+
+__all__ = ["PageNotFoundError", "root_router", "router"]
