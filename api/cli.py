@@ -27,10 +27,31 @@ def api(host: Host = "127.0.0.1", port: Port = 8000, workers: int = 1) -> None:
 
 
 @app.command()
-def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
-    """Migrate, then run the API and a worker together on the embedded defaults."""
-    # TODO(worker issue): start a worker process beside the API and stop both on Ctrl-C.
-    _migrate_and_serve(host, port, 1)
+def serve(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs the worker runs at once.")] = 1,
+) -> None:
+    """Migrate, then run the API and a worker together on the embedded defaults (Ctrl-C stops both)."""
+    # Imported here: the worker package builds on the API's models, not the other way round.
+    from api.settings import get_settings
+    from worker.supervisor import serve as serve_api_and_worker
+
+    raise typer.Exit(serve_api_and_worker(host, port, get_settings(), concurrency=concurrency))
+
+
+@app.command()
+def worker(
+    queue: Annotated[list[str] | None, typer.Option(
+        "--queue", "-Q", help="Queue to take jobs from; repeat for several: default (any device), cpu.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once; run one worker per GPU.")] = 1,
+    pool: Annotated[str, typer.Option(help="prefork: a fresh child process per job; solo: in this process.")] = (
+        "prefork"),
+) -> None:
+    """Run a worker alone (a cluster node; choose its GPU with CUDA_VISIBLE_DEVICES)."""
+    from worker.cli import worker_command
+
+    worker_command(queue=queue, concurrency=concurrency, pool=pool)
 
 
 def _migrate_and_serve(host: str, port: int, workers: int) -> None:
