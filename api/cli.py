@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from api.client.cli import register as register_client_commands
+
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
@@ -142,6 +144,10 @@ def _session() -> Session:
     upgrade_to_head(settings)
     return create_session_factory(create_db_engine(settings.database_url))()
 
+
+# The client commands (login, upload, submit, status, list, logs, cancel, download, ...) talk to a
+# server over HTTP and import nothing of the server's.
+register_client_commands(app)
 
 if __name__ == "__main__":
     app()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -77,6 +78,12 @@ def distill_command(
         raise typer.Exit(2) from None
     except KDError as exc:
         typer.echo(f"error [{exc.code}]: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        if os.environ.get("DISTILLERY_DEBUG"):
+            raise
+        typer.echo(f"error [internal]: {type(exc).__name__}: {exc} (set DISTILLERY_DEBUG=1 for the traceback)",
+                   err=True)
         raise typer.Exit(1) from None
     metrics = result.metrics
     summary = {key: metrics[key]["accuracy"] for key in ("teacher", "student", "baseline") if metrics.get(key)}

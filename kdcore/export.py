@@ -53,13 +53,18 @@ def export_onnx(model: nn.Module, path: Path, input_shape: Sequence[int]) -> Pat
     """Export with a dynamic batch axis, then check onnxruntime agrees with PyTorch on random input."""
     example = torch.randn(3, *input_shape)
     temporary = _atomic_target(path)
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter handles every registry model; the dynamo one does not (yet).
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(), (example,), str(temporary), input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17,
-        )
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter handles every registry model; the dynamo one does not (yet).
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.eval(), (example,), str(temporary), input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17,
+            )
+    except Exception as exc:
+        temporary.unlink(missing_ok=True)
+        raise KDError(f"the student cannot be exported to ONNX: {str(exc).splitlines()[0][:300]}; drop onnx from "
+                      "export", field="export", code="export_failed") from exc
     max_error = onnx_max_error(model, temporary, example)
     if max_error > ONNX_TOLERANCE:
         temporary.unlink(missing_ok=True)

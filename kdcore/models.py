@@ -71,25 +71,35 @@ def _image_channels(input_shape: Sequence[int], arch: str) -> int:
     return int(input_shape[0])
 
 
+def _nearest_divisor(size: int, target: int) -> int:
+    """The divisor of `size` closest to `target` (the larger on a tie).
+
+    An average pool whose grid divides the feature map is a plain strided pool, which every
+    export format expresses; an uneven adaptive pool has no ONNX equivalent.
+    """
+    divisors = [d for d in range(1, size + 1) if size % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), -d))
+
+
 def build_cnn(args: CNNArgs, input_shape: Sequence[int], num_classes: int, arch: str = "cnn") -> nn.Module:
     channels = _image_channels(input_shape, arch)
     layers: list[nn.Module] = []
-    size = min(input_shape[1], input_shape[2])
-    for width in args.widths:
-        layers.append(nn.Conv2d(channels, width, args.kernel_size, padding=args.kernel_size // 2,
+    height, width = int(input_shape[1]), int(input_shape[2])
+    for conv_width in args.widths:
+        layers.append(nn.Conv2d(channels, conv_width, args.kernel_size, padding=args.kernel_size // 2,
                                 bias=not args.batchnorm))
         if args.batchnorm:
-            layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.BatchNorm2d(conv_width))
         layers.append(nn.ReLU(inplace=True))
         # Pool only while the feature map is still worth halving.
-        if size >= 4:
+        if min(height, width) >= 4:
             layers.append(nn.MaxPool2d(2))
-            size //= 2
-        channels = width
+            height, width = height // 2, width // 2
+        channels = conv_width
     # A small grid rather than a global pool: digits and the like are told apart by where strokes are.
-    grid = min(args.pool_size, size)
+    grid = (_nearest_divisor(height, args.pool_size), _nearest_divisor(width, args.pool_size))
     layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]
-    features = channels * grid * grid
+    features = channels * grid[0] * grid[1]
     if args.dropout:
         layers.append(nn.Dropout(args.dropout))
     if args.hidden:

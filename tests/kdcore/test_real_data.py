@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.skipif(not (DATA / "mnist.npz").exists() or not (DATA / "mnist_small.npz").exists(),
                        reason="../shared/data (real MNIST) is not present in this checkout"),
 ]
-TEACHER_ARGS = {"widths": [32, 64], "hidden": 256, "dropout": 0.3}
+TEACHER_ARGS = {"widths": [32, 64], "hidden": 128, "dropout": 0.3}
 SEEDS = (0, 1, 2)
 
 

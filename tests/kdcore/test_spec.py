@@ -111,3 +111,11 @@ def test_cuda_device_without_gpu_is_a_clear_error() -> None:
     with pytest.raises(KDError, match="bf16"):
         make_runtime("cpu", "fp16")
     assert make_runtime("auto", "bf16").device.type == "cpu"
+
+
+@pytest.mark.parametrize(("size", "pool_size"), [(28, 4), (16, 4), (32, 4), (9, 3), (30, 2)])
+def test_cnn_exports_to_onnx_at_any_input_size(tmp_path: Path, size: int, pool_size: int) -> None:
+    from kdcore.export import export_onnx
+
+    model = build_model("cnn", {"widths": [4, 8], "hidden": 16, "pool_size": pool_size}, (1, size, size), 10)
+    assert export_onnx(model.eval(), tmp_path / "cnn.onnx", (1, size, size)).exists()
