@@ -1,0 +1,31 @@
+"""Child-process plumbing shared by `serve`, the worker and its reaper."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for a child: SIGTERM it when its parent dies, even by SIGKILL (Linux), so none is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# One byte of memory shared with every process forked from here on (an anonymous mmap is
+# MAP_SHARED): the worker's parent sets it when it starts to shut down, and its pool children,
+# forked before or after, read it. Setting it is a single store, safe in a signal handler.
+_stopping = mmap.mmap(-1, 1)
+
+
+def mark_worker_stopping() -> None:
+    _stopping[0] = 1
+
+
+def worker_stopping() -> bool:
+    """True once this process's worker (its Celery parent) began to shut down."""
+    return _stopping[0] == 1
