@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     allow_code_teachers: bool = Field(
         default=False, description="Accept TorchScript and torch.export teachers (they carry code)."
     )
-    lease_seconds: int = Field(default=120, ge=5, description="A claim's life without heartbeat.")
+    lease_seconds: int = Field(default=60, ge=5, description="A claim's life without heartbeat.")
     max_attempts: int = Field(default=3, ge=1, description="Runs of a job before a lost worker fails it.")
     default_queue: str = Field(default="default", description="Queue a job goes to unless its spec says cpu.")
 

@@ -271,7 +271,7 @@ def _download_inputs(job_run: JobRun, folder: Path) -> JobInputs:
         if entry is None:
             if role == "test" and not (job_run.spec.get("data") or {}).get("test"):
                 continue  # no separate test set
-            raise InputMissingError(f"the job's {_ROLE_FIELDS[role]} file no longer exists; upload it again "
+            raise InputMissingError(f"the job's {_ROLES[role]} ({_FIELDS[role]}) was deleted; upload it again "
                                     "and submit a new job")
         key, name = entry
         path = folder / f"{role}{_suffix(name)}"
@@ -279,14 +279,15 @@ def _download_inputs(job_run: JobRun, folder: Path) -> JobInputs:
             job_run.storage.get_file(key, path)
         except FileNotFoundError:
             raise InputMissingError(
-                f"the {_ROLE_FIELDS[role]} file ({name}) is missing from storage; upload it again and submit "
-                "a new job"
+                f"the {_ROLES[role]} {name} ({_FIELDS[role]}) is missing from storage; upload it again and "
+                "submit a new job"
             ) from None
         paths[role] = path
     return JobInputs(teacher=paths["teacher"], train=paths["train"], test=paths.get("test"))
 
 
-_ROLE_FIELDS = {"teacher": "teacher.file", "train": "data.train", "test": "data.test"}
+_ROLES = {"teacher": "teacher file", "train": "training data", "test": "test data"}
+_FIELDS = {"teacher": "teacher.file", "train": "data.train", "test": "data.test"}
 
 
 def _suffix(name: str) -> str:
