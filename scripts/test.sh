@@ -7,4 +7,4 @@ BIN=.venv/bin
 "$(dirname "$0")/ensure_services.sh"
 "$(dirname "$0")/ensure_browser.sh"
 "$(dirname "$0")/ensure_tools.sh"
-exec "$BIN/python" -m pytest -q -p no:cacheprovider "$@"
+exec "$BIN/python" -m pytest -q -rs -p no:cacheprovider "$@"
