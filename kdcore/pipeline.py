@@ -152,6 +152,12 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     metrics = _evaluate(spec, data, inputs, models, preprocess, runtime, options, state)
     _announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, data, models["student"], metrics, options)
+    if spec.stages.teacher_finetune_epochs:
+        # The adapted teacher is worth keeping: it is what the student learnt from.
+        artifacts.append(exporting.export_safetensors(
+            models["teacher"].cpu(), options.out_dir / "teacher_finetuned.safetensors",
+            {"arch": spec.teacher.arch, "arch_args": spec.teacher.arch_args, "input_shape": list(data.input_shape),
+             "num_classes": data.num_classes}))
     _announce(callbacks, "report", fraction=1.0)
     artifacts += _write_reports(spec, data, metrics, state, options)
     if not options.keep_checkpoint:

@@ -84,7 +84,7 @@ def test_run_job_all_stages_writes_every_artifact(workdir: Path, tmp_path: Path)
 
     names = {p.name for p in result.artifacts}
     assert {"student.safetensors", "student.ts", "student.onnx", "student_int8.ts", "metrics.json",
-            "history.csv", "curves.png", "report.md"} <= names
+            "history.csv", "curves.png", "report.md", "teacher_finetuned.safetensors"} <= names
     assert any(p.name.startswith("events.out.tfevents") for p in result.artifacts)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("teacher", "student", "baseline", "student_int8"):
