@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Row
 
 from api.models import Artifact, File, Job
 
@@ -69,7 +70,8 @@ class JobOut(BaseModel):
     updated_at: datetime
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job | Row[Any]) -> JobOut:
+        """From a Job, or a row of the job table's columns (the status read's, api.services.jobs)."""
         error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
         return cls(
             id=job.id,

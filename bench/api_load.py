@@ -5,7 +5,11 @@ uvicorn process) on a fresh database, and measures with a small keep-alive HTTP/
 
   1. status polls, closed loop: 50 clients `GET /v1/jobs/{id}` for --seconds;
   2. the same against a minimal FastAPI + SQLAlchemy endpoint returning the same row from the same
-     database (a second uvicorn process, measured in the same run): the ratio of (1) to (2);
+     database (a second uvicorn process, same engine settings, measured in the same run): the ratio
+     of (1) to (2). The minimal process also serves the row through SQLAlchemy Core on a pooled
+     connection, the way the status route reads it (2b): a stricter reference, shown, not a target.
+     (1), (2) and (2b) alternate in short rounds so that a neighbour's load hits them alike; each
+     server's CPU time per request (from /proc) is shown too, as it moves less with that load;
   3. listing, closed loop: 50 clients `GET /v1/jobs?limit=20`;
   4. a burst of 200 submissions (50 at a time), then checks every job is in the database exactly once;
   5. open loop: status polls at a fixed 200 requests/s for --seconds, latency counted from each
@@ -24,6 +28,7 @@ import json
 import os
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +46,10 @@ sys.path.insert(0, str(REPO))
 CLIENTS = 50
 BURST = 200
 OPEN_LOOP_RATE = 200
+ROUNDS = 8  # the closed-loop comparison alternates its servers in this many rounds
+# An idle keep-alive connection is not reused after this long: uvicorn closes it after 5 s, and a
+# request written to a connection the server has just closed fails (HTTP clients expire them too).
+KEEP_ALIVE_EXPIRY = 4.0
 PG_ADMIN_URL = os.environ.get("DISTILLERY_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -49,21 +58,30 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 def minimal_app() -> Any:
-    """FastAPI + SQLAlchemy, nothing else: one sync endpoint reading the job row by id."""
+    """FastAPI + SQLAlchemy, nothing else: sync endpoints returning the job row by id, every column,
+    read through the ORM (the target's reference) or through Core (the stricter one)."""
     from fastapi import FastAPI
+    from sqlalchemy import bindparam, select
     from sqlalchemy.orm import Session
 
     from api.db import create_db_engine
     from api.models import Job
 
-    engine = create_db_engine(os.environ["BENCH_DATABASE_URL"])
+    engine = create_db_engine(os.environ["BENCH_DATABASE_URL"])  # the API's engine settings
     app = FastAPI()
+    table = Job.__table__
+    by_id = select(table).where(table.c.id == bindparam("job_id"))
 
     @app.get("/job/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
         with Session(engine) as session:
             job = session.get_one(Job, job_id)
             return {column.key: getattr(job, column.key) for column in Job.__table__.columns}
+
+    @app.get("/job-core/{job_id}")
+    def get_job_core(job_id: str) -> dict[str, Any]:
+        with engine.connect() as connection:
+            return dict(connection.execute(by_id, {"job_id": job_id}).one()._mapping)
 
     return app
 
@@ -105,10 +123,17 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
+    server_cpu: float = float("nan")  # CPU seconds the server process used during the phase
+    round_rates: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms(self) -> float:
+        """Server CPU time per request, in ms."""
+        return self.server_cpu / len(self.latencies) * 1000 if self.latencies else float("nan")
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -143,15 +168,23 @@ async def closed_loop(
 
 
 async def open_loop(port: int, headers: dict[str, str], path: str, rate: int, seconds: float, result: Result) -> None:
-    idle: list[Connection] = []
+    idle: list[tuple[float, Connection]] = []  # (last used, connection), the most recent last
     start = time.perf_counter()
 
+    def take() -> Connection:
+        while idle:
+            used, connection = idle.pop()
+            if time.perf_counter() - used < KEEP_ALIVE_EXPIRY:
+                return connection
+            connection.close()
+        return Connection(port, headers)
+
     async def one(scheduled: float) -> None:
-        connection = idle.pop() if idle else Connection(port, headers)
+        connection = take()
         try:
             status, _ = await connection.request("GET", path)
             result.errors += status != 200
-            idle.append(connection)
+            idle.append((time.perf_counter(), connection))
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
             result.errors += 1
             connection.close()
@@ -167,7 +200,7 @@ async def open_loop(port: int, headers: dict[str, str], path: str, rate: int, se
         tasks.append(asyncio.create_task(one(scheduled)))
     await asyncio.gather(*tasks)
     result.seconds = time.perf_counter() - start
-    for connection in idle:
+    for _, connection in idle:
         connection.close()
 
 
@@ -224,6 +257,15 @@ def start(command: list[str], env: dict[str, str], port: int, log: Path) -> subp
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("server did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -310,7 +352,7 @@ def count_burst_jobs(database_url: str, run_id: str) -> tuple[int, int]:
     return int(total), int(distinct)
 
 
-def run_database(database: str, seconds: float, workdir: Path) -> list[Result]:
+def run_database(database: str, seconds: float, workdir: Path, client_cpu: list[float]) -> list[Result]:
     env, cleanup = database_env(database, workdir)
     python = sys.executable
     results: list[Result] = []
@@ -353,29 +395,42 @@ def run_database(database: str, seconds: float, workdir: Path) -> list[Result]:
         try:
             spec, job_ids = seed(f"http://127.0.0.1:{api_port}", headers, jobs=50)
             poll_id = job_ids[0]
+            pids = {api_port: api_server.pid, minimal_port: minimal_server.pid}
 
             def measure(phase: str, port: int, path: Callable[[int], str], auth: bool, duration: float) -> Result:
                 result = Result(database, phase)
+                cpu, client = cpu_seconds(pids[port]), time.process_time()
                 asyncio.run(closed_loop(port, headers if auth else {}, path, duration, result))
+                result.server_cpu = cpu_seconds(pids[port]) - cpu
+                client_cpu.append((time.process_time() - client) / result.seconds)
                 return result
 
-            for port, path, auth in ((minimal_port, f"/job/{poll_id}", False), (api_port, f"/v1/jobs/{poll_id}", True)):
-                measure("warmup", port, lambda i, path=path: path, auth, 1.0)  # type: ignore[misc]
-            # Alternate the two in short rounds, so a neighbour's load on the machine hits both alike.
-            minimal = Result(database, "minimal endpoint: GET /job/{id}")
-            polls = Result(database, "status poll: GET /v1/jobs/{id}")
-            for _ in range(4):
-                for total, port, prefix, auth in (
-                    (minimal, minimal_port, "/job/", False),
-                    (polls, api_port, "/v1/jobs/", True),
-                ):
-                    part = measure(
-                        total.phase, port, lambda i, prefix=prefix: f"{prefix}{job_ids[i % 50]}", auth, seconds / 4
-                    )
+            comparison = (
+                (Result(database, "minimal endpoint: GET /job/{id}", server_cpu=0.0), minimal_port, "/job/", False),
+                (
+                    Result(database, "minimal endpoint over Core: GET /job-core/{id}", server_cpu=0.0),
+                    minimal_port,
+                    "/job-core/",
+                    False,
+                ),
+                (Result(database, "status poll: GET /v1/jobs/{id}", server_cpu=0.0), api_port, "/v1/jobs/", True),
+            )
+
+            def cycling(prefix: str) -> Callable[[int], str]:
+                return lambda i: f"{prefix}{job_ids[i % 50]}"
+
+            for _, port, prefix, auth in comparison:
+                measure("warmup", port, cycling(prefix), auth, 1.0)
+            # Alternate them in short rounds, so a neighbour's load on the machine hits them alike.
+            for _ in range(ROUNDS):
+                for total, port, prefix, auth in comparison:
+                    part = measure(total.phase, port, cycling(prefix), auth, seconds / ROUNDS)
                     total.latencies += part.latencies
                     total.errors += part.errors
                     total.seconds += part.seconds
-            for total in (minimal, polls):
+                    total.server_cpu += part.server_cpu
+                    total.round_rates.append(part.rate)
+            for total, *_ in comparison:
                 results.append(total)
                 print(_row(total), flush=True)
             listing = measure("listing: GET /v1/jobs?limit=20", api_port, lambda i: "/v1/jobs?limit=20", True, seconds)
@@ -384,14 +439,18 @@ def run_database(database: str, seconds: float, workdir: Path) -> list[Result]:
 
             burst_result = Result(database, f"burst: {BURST} x POST /v1/jobs")
             run_id = secrets.token_hex(4)
+            cpu = cpu_seconds(api_server.pid)
             asyncio.run(burst(api_port, headers, spec, run_id, burst_result))
-            total, distinct = count_burst_jobs(database_url, run_id)
-            burst_result.errors += (total != BURST) + (distinct != BURST)
+            burst_result.server_cpu = cpu_seconds(api_server.pid) - cpu
+            stored, distinct = count_burst_jobs(database_url, run_id)
+            burst_result.errors += (stored != BURST) + (distinct != BURST)
             results.append(burst_result)
-            print(_row(burst_result), f"(jobs in database: {total}, distinct: {distinct})", flush=True)
+            print(_row(burst_result), f"(jobs in database: {stored}, distinct: {distinct})", flush=True)
 
             open_result = Result(database, f"open loop: {OPEN_LOOP_RATE} polls/s")
+            cpu = cpu_seconds(api_server.pid)
             asyncio.run(open_loop(api_port, headers, f"/v1/jobs/{poll_id}", OPEN_LOOP_RATE, seconds, open_result))
+            open_result.server_cpu = cpu_seconds(api_server.pid) - cpu
             results.append(open_result)
             print(_row(open_result), flush=True)
         finally:
@@ -411,7 +470,7 @@ def _settings_from(env: dict[str, str]) -> dict[str, str]:
 def _row(result: Result) -> str:
     return (
         f"| {result.database} | {result.phase} | {len(result.latencies)} | {result.rate:,.0f} | "
-        f"{result.percentile(0.5):.1f} | {result.percentile(0.99):.1f} | {result.errors} |"
+        f"{result.percentile(0.5):.1f} | {result.percentile(0.99):.1f} | {result.cpu_ms:.2f} | {result.errors} |"
     )
 
 
@@ -421,28 +480,53 @@ def main() -> int:
     parser.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
     args = parser.parse_args()
 
-    print(f"{CLIENTS} clients, {args.seconds:.0f} s a phase, one uvicorn process, loopback, {os.cpu_count()} CPUs\n")
-    print("| database | phase | requests | req/s | p50 ms | p99 ms | errors |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"{CLIENTS} clients, {args.seconds:.0f} s a phase, one uvicorn process, loopback, {os.cpu_count()} CPUs")
+    print(f"load average at the start: {_load_average()}\n")
+    print("| database | phase | requests | req/s | p50 ms | p99 ms | server CPU ms/req | errors |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     all_results: list[Result] = []
+    client_cpu: list[float] = []
     for database in args.databases:
         with tempfile.TemporaryDirectory(prefix=f"distillery-bench-{database}-") as workdir:
-            all_results += run_database(database, args.seconds, Path(workdir))
+            all_results += run_database(database, args.seconds, Path(workdir), client_cpu)
 
     print()
     ok = True
     for database in args.databases:
         phases = {r.phase.split(":")[0]: r for r in all_results if r.database == database}
-        ratio = phases["status poll"].rate / phases["minimal endpoint"].rate
+        polls, minimal, core = phases["status poll"], phases["minimal endpoint"], phases["minimal endpoint over Core"]
+        ratio = polls.rate / minimal.rate
         open_p99 = phases["open loop"].percentile(0.99)
         errors = sum(r.errors for r in all_results if r.database == database)
         passed = ratio >= 0.8 and open_p99 < 50 and errors == 0
         ok &= passed
         print(
-            f"{database}: status-poll throughput {ratio:.2f}x the minimal endpoint (target >= 0.8); "
-            f"open-loop p99 {open_p99:.1f} ms (target < 50); errors {errors} -> {'PASS' if passed else 'FAIL'}"
+            f"{database}: status-poll throughput {ratio:.2f}x the minimal endpoint (target >= 0.8; "
+            f"{_round_ratio(polls, minimal):.2f}x the median round; server CPU per request "
+            f"{minimal.cpu_ms / polls.cpu_ms:.2f}x); open-loop p99 {open_p99:.1f} ms (target < 50); "
+            f"errors {errors} -> {'PASS' if passed else 'FAIL'}"
         )
+        print(
+            f"  stricter reference, the minimal endpoint over Core: {polls.rate / core.rate:.2f}x its throughput "
+            f"({_round_ratio(polls, core):.2f}x the median round), server CPU per request "
+            f"{core.cpu_ms / polls.cpu_ms:.2f}x"
+        )
+    print(
+        f"load generator: {statistics.median(client_cpu):.2f} CPUs (median of the closed-loop phases); "
+        f"load average at the end: {_load_average()}"
+    )
     return 0 if ok else 1
+
+
+def _round_ratio(result: Result, reference: Result) -> float:
+    return statistics.median(a / b for a, b in zip(result.round_rates, reference.round_rates, strict=True))
+
+
+def _load_average() -> str:
+    try:
+        return ", ".join(f"{load:.1f}" for load in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

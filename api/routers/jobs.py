@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentUser, OwnedJob, SessionDep, SettingsDep, StorageDep
+from api.db import read_connection
+from api.deps import CurrentUser, JobId, OwnedJob, SessionDep, SettingsDep, StorageDep
+from api.errors import not_found
 from api.models import JobState
 from api.routers import errors
 from api.schemas import JobList, JobOut
@@ -96,8 +98,15 @@ def list_jobs(
 @router.get(
     "/{job_id}", response_model=JobOut, summary="A job's state, progress and metrics", responses=errors(404, 422)
 )
-async def get_job(job: OwnedJob) -> JobOut:
-    return JobOut.of(job)
+def get_job(job_id: JobId, user: CurrentUser, request: Request) -> Response:
+    # The route clients poll, so it is kept lean: one Core read on a pooled connection (released
+    # before serialising), JobOut built and validated as everywhere, and its JSON handed back as
+    # is (response_model still documents it; FastAPI would only validate the JobOut again).
+    with read_connection(request.app.state.session_factory) as connection:
+        row = jobs.read_job_status(connection=connection, owner_id=user.id, job_id=job_id)
+    if row is None:
+        raise not_found("job", job_id)
+    return Response(JobOut.of(row).model_dump_json(), media_type="application/json")
 
 
 @router.get(

@@ -6,8 +6,9 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Connection, Row, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -184,6 +185,25 @@ def list_jobs(
 
 def get_job(*, session: Session, owner_id: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
+
+
+# The status poll (`GET /v1/jobs/{id}`) is the API's hottest read: a Core SELECT of the columns
+# JobOut shows, on the table rather than the mapped class (no ORM compile, identity map or instance
+# state for a row that is only serialised), built once so that SQLAlchemy's compiled cache is hit
+# straight away. The owner is a condition in SQL, as everywhere.
+_job = Job.__table__.c
+_STATUS_COLUMNS = (
+    "id", "name", "state", "stage", "queue", "progress", "metrics", "error_code", "error_message", "attempts",
+    "max_attempts", "cancel_requested", "spec", "created_at", "started_at", "finished_at", "updated_at",
+)  # fmt: skip
+_STATUS_QUERY = select(*(_job[name] for name in _STATUS_COLUMNS)).where(
+    _job.id == bindparam("job_id"), _job.owner_id == bindparam("owner_id")
+)
+
+
+def read_job_status(*, connection: Connection, owner_id: str, job_id: str) -> Row[Any] | None:
+    """The caller's job as a row with JobOut's fields (attribute access like a Job), or None."""
+    return connection.execute(_STATUS_QUERY, {"job_id": job_id, "owner_id": owner_id}).first()
 
 
 def cancel_job(*, session: Session, job: Job) -> Job:
