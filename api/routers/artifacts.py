@@ -36,8 +36,11 @@ def download_artifact(job: OwnedJob, name: str, session: SessionDep, storage: St
     artifact = artifacts.get_artifact(session=session, job_id=job.id, name=name)
     if artifact is None:
         raise not_found("artifact", name)
-    return StreamingResponse(
+    response = StreamingResponse(
         storage.iter_chunks(artifact.storage_key),
         media_type=artifact.content_type,
         headers=download_headers(artifact.name, artifact.size, artifact.sha256),
     )
+    # A slow download must not hold a pooled connection (and its transaction) for its whole length.
+    session.close()
+    return response
