@@ -223,7 +223,9 @@ def _teacher_targets(spec: JobSpec, teacher: Teacher, train: DeviceData, preproc
         return LiveTeacher(teacher.module, runtime)
     # No random augmentation: the teacher sees the same inputs every epoch, so one pass is enough.
     _announce(callbacks, "teacher_cache")
-    return TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=runtime,
+    # One pass, so it runs in fp32 whatever the job's precision: bf16 would round every cached logit.
+    full_precision = Runtime(device=runtime.device, precision="fp32")
+    return TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=full_precision,
                                       batch_size=spec.eval_batch_size)
 
 

@@ -162,8 +162,9 @@ class Trainer:
             started = time.monotonic()
             train_metrics = self._train_epoch(stage, epoch, model, loss_fn, optimizer, scheduler, scaler,
                                               shuffle_rng, teacher_targets)
+            train_time_s = time.monotonic() - started
             metrics = {**train_metrics, **self.validate(model), "lr": float(scheduler.get_last_lr()[0]),
-                       "epoch_time_s": time.monotonic() - started}
+                       "train_time_s": train_time_s, "epoch_time_s": time.monotonic() - started}
             state.history.append({"stage": stage.name, "epoch": epoch + 1, **metrics})
             self._checkpoint(state, stage, epoch + 1, model, optimizer, scheduler, shuffle_rng)
             self.callbacks.on_epoch_end(self._progress(stage, epoch + 1, self.steps_per_epoch, metrics))
