@@ -6,15 +6,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.concurrency import run_in_threadpool
 
 from api.db import read_connection
 from api.deps import CurrentUser, JobId, OwnedJob, SessionDep, SettingsDep, StorageDep
 from api.errors import not_found
+from api.event_stream import follow_events
 from api.models import JobState
 from api.routers import errors
 from api.schemas import JobList, JobOut
@@ -161,17 +160,8 @@ async def _job_events(
             for row in rows
         ]
 
-    while True:
-        finished, batch = await run_in_threadpool(read, after_id)
-        for event in batch:
-            yield event
-            after_id = int(event.id or after_id)
-        if finished and not batch:
-            return
-        if not batch:
-            if await request.is_disconnected():
-                return
-            await anyio.sleep(poll_seconds)
+    async for event in follow_events(read, after_id=after_id, poll_seconds=poll_seconds, request=request):
+        yield event
 
 
 @router.post(

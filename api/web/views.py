@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-import anyio
 import yaml
 from fastapi import APIRouter, Form, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
@@ -25,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError
+from api.event_stream import follow_events
 from api.models import FilePurpose, Job, JobState
 from api.routers import download_headers
 from api.routers import files as files_api
@@ -403,10 +403,14 @@ async def _page_events(session_factory: sessionmaker[Session], job_id: str, afte
                        request: Request) -> AsyncIterator[ServerSentEvent]:
     timeline = Timeline()
 
-    def read(after: int, first: bool) -> tuple[bool, list[ServerSentEvent]]:
+    first = True
+
+    def read(after: int) -> tuple[bool, list[ServerSentEvent]]:
+        nonlocal first
         with session_factory() as session:
             if first and after:
                 timeline.stage = stage_before(session, job_id, after)
+            first = False
             finished = events.job_finished(session=session, job_id=job_id)
             rows = events.events_after(session=session, job_id=job_id, after_id=after)
         batch = []
@@ -424,19 +428,8 @@ async def _page_events(session_factory: sessionmaker[Session], job_id: str, afte
             batch.append(ServerSentEvent(id=str(row.id), event=row.kind, data=json.dumps(payload)))
         return finished, batch
 
-    first = True
-    while True:
-        finished, batch = await run_in_threadpool(read, after_id, first)
-        first = False
-        for event in batch:
-            yield event
-            after_id = int(event.id or after_id)
-        if finished and not batch:
-            return
-        if not batch:
-            if await request.is_disconnected():
-                return
-            await anyio.sleep(poll_seconds)
+    async for event in follow_events(read, after_id=after_id, poll_seconds=poll_seconds, request=request):
+        yield event
 
 
 __all__ = ["PageNotFoundError", "root_router", "router"]
