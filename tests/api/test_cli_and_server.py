@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from tests.api import factories
+from tests.support import free_port
 
 DISTILLERY = [sys.executable, "-c", "from api.cli import app; app()"]
 
@@ -27,11 +27,6 @@ def _env(data_dir: Path) -> dict[str, str]:
 def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*DISTILLERY, *args], env=_env(data_dir), capture_output=True, text=True, timeout=120)
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_admin_create_user_prints_key_last(tmp_path: Path) -> None:
@@ -56,7 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
     """`distillery api` on a free port, on the embedded defaults in a fresh data folder."""
     data_dir = tmp_path_factory.mktemp("served")
     key = _cli(data_dir, "admin", "create-user", "erin").stdout.split()[-1]
-    port = _free_port()
+    port = free_port()
     log = (data_dir / "server.log").open("w")
     process = subprocess.Popen(
         [*DISTILLERY, "api", "--port", str(port)], env=_env(data_dir), stdout=log, stderr=subprocess.STDOUT

@@ -13,7 +13,6 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from api.client import Client
+from tests.support import free_port
 
 DISTILLERY = shlex.split(os.environ.get("DISTILLERY_CLI", "")) or [str(Path(sys.executable).with_name("distillery"))]
 
@@ -50,11 +50,6 @@ FAST_SERVICE_ENV = {
     "MKL_NUM_THREADS": "1",
 }
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_env(data_dir: Path, config_home: Path) -> dict[str, str]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.stack import Stack, running
-from tests.worker.support import JobFiles, make_job_files, postgres_database, redis_database
+from tests.support import postgres_database
+from tests.worker.support import JobFiles, make_job_files, redis_database
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -24,7 +24,8 @@ from api.db import create_db_engine, create_session_factory
 from api.ids import new_id
 from api.migrate import upgrade_to_head
 from api.services import users
-from tests.worker.support import FAST_SERVICE_ENV, free_port
+from tests.support import free_port
+from tests.worker.support import FAST_SERVICE_ENV
 from worker.process import die_with_parent
 from worker.settings import WorkerSettings
 from worker.supervisor import API_MAIN

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.stack import Stack, running, wait_until
-from tests.worker.support import JobFiles, free_port, postgres_database
+from tests.support import free_port, postgres_database
+from tests.worker.support import JobFiles
 
 
 class OwnedRedis:

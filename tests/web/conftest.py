@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from api.settings import Settings
 from api.storage import Storage
 from api.web import mount_web
 from tests.api import factories
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
@@ -141,11 +141,6 @@ def sign_in(client: TestClient, key: str) -> str:
 
 # ----------------------------------------------------------------------------------- end to end
 
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def web_is_wired() -> bool:

@@ -21,7 +21,8 @@ from api.services.files import file_key, sniff_upload
 from api.services.jobs import submit_job
 from api.storage import Storage
 from kdcore.spec import parse_spec
-from tests.worker.support import FAST_SERVICE_ENV, JobFiles, make_job_files, postgres_database
+from tests.support import postgres_database
+from tests.worker.support import FAST_SERVICE_ENV, JobFiles, make_job_files
 from worker.settings import WorkerSettings
 
 

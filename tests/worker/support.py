@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
-PG_ADMIN_URL = os.environ.get("DISTILLERY_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("DISTILLERY_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
 # Database 15 belongs to the API's enqueue test and 14 to its load benchmark; these tests lock one
 # of 1-13 for the session.
@@ -44,32 +38,6 @@ FAST_SERVICE_ENV = {
     "DISTILLERY_LOG_JSON": "false",
     "OMP_NUM_THREADS": "1",
 }
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def postgres_database(label: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for as long as the block runs (dropped, even if in use)."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        admin.connect().close()
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"distillery_{label}_{secrets.token_hex(4)}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextlib.contextmanager
