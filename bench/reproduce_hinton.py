@@ -41,7 +41,6 @@ DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
 SPEC_DIR = ROOT / "bench" / "specs" / "hinton"
 DISTILLERY = ROOT / ".venv" / "bin" / "distillery"
 
-TEACHER_ARGS = {"hidden": [1200, 1200], "dropout": 0.5}
 STUDENT_ARGS = {"hidden": [800, 800]}
 TINY_ARGS = {"hidden": [30, 30]}
 PAPER = {"teacher": 67, "scratch": 146, "distilled T=20": 74}
@@ -63,25 +62,32 @@ def build_jobs(args: argparse.Namespace, out: Path, spec_dir: Path) -> list[Job]
         return os.path.relpath(path, spec_dir)
 
     data = rel(Path(args.data).resolve())
+    teacher_args = {"hidden": [1200, 1200], "dropout": 0.5, "input_dropout": args.teacher_input_dropout}
     common = {"batch_size": 128, "seed": args.seed, "precision": args.precision, "threads": args.threads,
               "export": ["safetensors"]}
     optim = {"name": "adamw", "lr": args.lr, "weight_decay": 0.0, "schedule": "cosine"}
     placeholder = rel(out / "placeholder_teacher.safetensors")
     teacher_file = rel(out / "teacher" / "student.safetensors")
-    teacher = {"file": teacher_file, "format": "safetensors", "arch": "mlp", "arch_args": TEACHER_ARGS}
+    teacher = {"file": teacher_file, "format": "safetensors", "arch": "mlp", "arch_args": teacher_args}
+    teacher_optim = {"name": args.teacher_optim, "lr": args.teacher_lr, "weight_decay": args.teacher_weight_decay,
+                     "schedule": "cosine"}
+    if args.teacher_optim == "sgd":
+        teacher_optim["momentum"] = args.teacher_momentum
+    if args.teacher_max_norm is not None:
+        teacher_optim["max_norm"] = args.teacher_max_norm
 
     jobs = [Job("teacher", {
         "name": "hinton-teacher-1200-1200-dropout-jitter",
         "teacher": {"file": placeholder, "format": "safetensors", "arch": "linear"},
-        "student": {"arch": "mlp", "arch_args": TEACHER_ARGS},
+        "student": {"arch": "mlp", "arch_args": teacher_args},
         "data": {"train": data, "val_fraction": 0.0, "augment": "shift"},
         "stages": {"distill_epochs": 0, "finetune_epochs": args.teacher_epochs},
-        "optim": {**optim, "lr": args.teacher_lr, "weight_decay": args.teacher_weight_decay},
+        "optim": teacher_optim,
         **common,
     }, "teacher")]
 
     def distill(name: str, group: str, student_args: dict[str, Any], temperature: float, *, augment: str,
-                baseline: bool, epochs: int) -> Job:
+                baseline: bool, epochs: int, seed: int = args.seed) -> Job:
         return Job(name, {
             "name": f"hinton-{name}",
             "teacher": teacher,
@@ -91,11 +97,17 @@ def build_jobs(args: argparse.Namespace, out: Path, spec_dir: Path) -> list[Job]
             "stages": {"distill_epochs": epochs, "baseline": baseline},
             "optim": optim,
             **common,
-        }, group, temperature, baseline)
+            "seed": seed,
+        }, group, temperature, baseline, extra={"seed": seed})
 
     for t in args.temperatures:
         jobs.append(distill(f"student-800-T{t:g}", "plain", STUDENT_ARGS, t, augment="none",
                             baseline=t == args.baseline_temperature, epochs=args.epochs))
+    # The headline comparison (scratch vs distilled at the baseline temperature) again at other seeds:
+    # single runs differ by a few errors, as much as the temperatures do.
+    for seed in args.extra_seeds:
+        jobs.append(distill(f"student-800-T{args.baseline_temperature:g}-seed{seed}", "seeds", STUDENT_ARGS,
+                            args.baseline_temperature, augment="none", baseline=True, epochs=args.epochs, seed=seed))
     for t in args.jitter_temperatures:
         jobs.append(distill(f"student-800-jitter-T{t:g}", "jitter", STUDENT_ARGS, t, augment="shift",
                             baseline=t == args.jitter_temperatures[0], epochs=args.jitter_epochs))
@@ -147,6 +159,31 @@ def epoch_seconds(job_out: Path, stage: str) -> float | None:
     return sum(times) / len(times) if times else None
 
 
+def seed_rows(jobs: list[Job], results: dict[str, dict[str, Any]], n: int, teacher_errors: int,
+              summary: dict[str, Any]) -> list[str]:
+    """The headline job (scratch and distilled at the baseline temperature) at every seed, and their mean."""
+    headline = [job for job in jobs if job.has_baseline and job.group in ("plain", "seeds") and job.name in results]
+    if len(headline) < 2:
+        return []
+    rows, pairs = [], []
+    for job in headline:
+        scratch = errors(results[job.name]["baseline"]["accuracy"], n)
+        student = errors(results[job.name]["student"]["accuracy"], n)
+        pairs.append((scratch, student))
+        recovered = (scratch - student) / (scratch - teacher_errors) if scratch != teacher_errors else float("nan")
+        rows.append(f"| 800-800 scratch -> distilled, seed {job.extra['seed']} | original 60k (cached teacher) | "
+                    f"{job.temperature:g} | {scratch} -> {student} | {recovered:.0%} | | |")
+    mean_scratch = sum(pair[0] for pair in pairs) / len(pairs)
+    mean_student = sum(pair[1] for pair in pairs) / len(pairs)
+    recovered = (mean_scratch - mean_student) / (mean_scratch - teacher_errors)
+    rows.append(f"| **800-800 scratch -> distilled, mean of {len(pairs)} seeds** | original 60k (cached teacher) "
+                f"| {headline[0].temperature:g} | **{mean_scratch:.1f} -> {mean_student:.1f}** | **{recovered:.0%}** "
+                "| | |")
+    summary["headline seeds"] = {"scratch": [p[0] for p in pairs], "distilled": [p[1] for p in pairs],
+                                 "recovered_of_means": recovered}
+    return rows
+
+
 def table(jobs: list[Job], results: dict[str, dict[str, Any]], out: Path) -> str:
     teacher_metrics = results["teacher"]["student"]
     n = results["teacher"]["eval_samples"]
@@ -196,6 +233,7 @@ def table(jobs: list[Job], results: dict[str, dict[str, Any]], out: Path) -> str
                          f"{per_epoch(job.name, 'distill')} | {wall(job.name)} |")
             summary[f"{group} T={job.temperature:g}"] = student
         summary[f"{group} scratch"] = scratch
+    lines.extend(seed_rows(jobs, results, n, teacher_errors, summary))
     lines.append("")
     paper_gap = (PAPER["scratch"] - PAPER["distilled T=20"]) / (PAPER["scratch"] - PAPER["teacher"])
     lines.append(f"Paper (Hinton et al. 2015, section 3): teacher {PAPER['teacher']}, 800-800 scratch "
@@ -209,9 +247,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA), help="mnist.npz (x_train, y_train, x_test, y_test)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "hinton"), help="where the jobs write (inside the repo)")
-    parser.add_argument("--teacher-epochs", type=int, default=60)
+    parser.add_argument("--teacher-epochs", type=int, default=100)
+    parser.add_argument("--teacher-optim", default="adamw", choices=["adamw", "sgd"])
     parser.add_argument("--teacher-lr", type=float, default=1e-3)
+    parser.add_argument("--teacher-momentum", type=float, default=0.9, help="with --teacher-optim sgd")
     parser.add_argument("--teacher-weight-decay", type=float, default=0.0)
+    parser.add_argument("--teacher-max-norm", type=float, default=None, help="max-norm constraint (optim.max_norm)")
+    parser.add_argument("--teacher-input-dropout", type=float, default=0.2, help="dropout on the teacher's pixels")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of every cached-teacher student job")
     parser.add_argument("--jitter-epochs", type=int, default=30)
     parser.add_argument("--temperatures", type=float, nargs="*", default=[1.0, 4.0, 8.0, 20.0])
@@ -220,9 +262,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny-temperatures", type=float, nargs="*", default=[2.5, 4.0, 8.0])
     parser.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16 only where the CPU has AVX512-BF16/AMX (or on a GPU): emulated, it is 5-8x slower")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1 suits a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra-seeds", type=int, nargs="*", default=[1, 2],
+                        help="seeds at which the headline scratch-vs-distilled job runs again")
     parser.add_argument("--parallel", type=int, default=1, help="student jobs run at once (each with --threads)")
     parser.add_argument("--quick", action="store_true", help="2 teacher epochs, 1 student epoch: a smoke run")
     parser.add_argument("--table-only", action="store_true", help="only collect the metrics already there")

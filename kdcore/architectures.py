@@ -22,6 +22,9 @@ class ArchArgs(BaseModel):
 class MLPArgs(ArchArgs):
     hidden: list[int] = Field(default=[800, 800], description="Width of each hidden layer, input to output.")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout after every hidden layer.")
+    input_dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Dropout on the input features (Hinton et al. used 0.2)."
+    )
     activation: Literal["relu", "gelu", "tanh"] = Field(default="relu", description="Hidden activation.")
     batchnorm: bool = Field(default=False, description="BatchNorm1d after every hidden linear layer.")
 

@@ -18,13 +18,18 @@ app = typer.Typer(add_completion=False, help="Distillery's local engine.")
 
 
 class ProgressBar(Callbacks):
-    """A tqdm bar over the whole job, with stage, epoch, ETA and the latest metrics."""
+    """A tqdm bar over the whole job, with stage, epoch, ETA and the latest metrics.
 
-    def __init__(self, enabled: bool) -> None:
+    Where stderr is not a terminal (a log file, CI) a bar would be noise, so each finished epoch
+    becomes one line instead (`epoch_lines`).
+    """
+
+    def __init__(self, enabled: bool, epoch_lines: bool = False) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=1000, disable=not enabled, unit="‰", bar_format=(
             "{desc} |{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}"))
+        self.epoch_lines = epoch_lines and not enabled
         self.last_metrics: dict[str, float] = {}
 
     def on_progress(self, progress: Progress) -> None:
@@ -38,12 +43,21 @@ class ProgressBar(Callbacks):
 
     def on_epoch_end(self, progress: Progress) -> None:
         self.on_progress(progress)
+        if self.epoch_lines:
+            typer.echo(epoch_line(progress), err=True)
 
     def on_log(self, message: str) -> None:
         self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def epoch_line(progress: Progress) -> str:
+    metrics = " ".join(f"{key}={value:.4g}" for key, value in sorted(progress.metrics.items()))
+    eta = f" eta {progress.eta_s:.0f}s" if progress.eta_s is not None else ""
+    where = f"{progress.stage} epoch {progress.epoch}/{progress.epochs} ({progress.fraction:.0%}{eta})"
+    return f"{where} {metrics}".rstrip()
 
 
 def distill_command(
@@ -66,7 +80,7 @@ def distill_command(
                             ("data.test", inputs.test)):
             if path is not None and not path.is_file():
                 raise KDError(f"no such file: {path}", field=field, code="bad_input")
-        bar = ProgressBar(enabled=progress and sys.stderr.isatty())
+        bar = ProgressBar(enabled=progress and sys.stderr.isatty(), epoch_lines=progress)
         try:
             result = run_job(spec, inputs, RunOptions(out_dir=out, resume=resume,
                                                       allow_code_teachers=allow_code_teachers), bar)

@@ -44,6 +44,8 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "t
 
 def build_mlp(args: MLPArgs, input_shape: Sequence[int], num_classes: int, arch: str = "mlp") -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
+    if args.input_dropout:
+        layers.append(nn.Dropout(args.input_dropout))
     width = math.prod(input_shape)
     for hidden in args.hidden:
         layers.append(nn.Linear(width, hidden))

@@ -35,7 +35,7 @@ from kdcore.evaluate import (
 from kdcore.inference import predict_logits
 from kdcore.losses import build_distill_loss, cross_entropy_loss
 from kdcore.models import build_model
-from kdcore.runtime import Runtime, make_runtime, restore_rng, seed_everything, set_threads
+from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.sharing import share_parameters
 from kdcore.spec import JobSpec
 from kdcore.teacher import Teacher, check_teacher_fits, load_teacher
@@ -98,6 +98,8 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     set_threads(spec.threads)
     runtime = make_runtime(spec.device, spec.precision)
     options.out_dir.mkdir(parents=True, exist_ok=True)
+    if (warning := precision_warning(runtime)) is not None:
+        callbacks.on_log(f"warning: {warning}")
 
     # check: load everything and run one batch through the teacher, so bad input fails in seconds.
     _announce(callbacks, "check")

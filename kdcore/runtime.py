@@ -60,6 +60,32 @@ def make_runtime(device: str, precision: str) -> Runtime:
     return Runtime(device=resolved, precision=precision)
 
 
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX); `cpuinfo` is /proc/cpuinfo's text.
+
+    Without either, bf16 autocast converts every operand in software: 5-8x slower than fp32.
+    Where the flags cannot be read (not Linux), assume it does, so no warning is shown wrongly.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return True
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    return flags is None or any(flag in flags for flag in _NATIVE_BF16_FLAGS)
+
+
+def precision_warning(runtime: Runtime) -> str | None:
+    if runtime.device.type == "cpu" and runtime.precision == "bf16" and not cpu_has_native_bf16():
+        return ("precision bf16 on a CPU without AVX512-BF16 or AMX is emulated in software and several times "
+                "slower than fp32 here; use precision: fp32 on this machine")
+    return None
+
+
 def default_threads() -> int:
     """The cores this process may use (cgroup/affinity aware), not the machine's total."""
     try:

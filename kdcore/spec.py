@@ -126,6 +126,11 @@ class OptimSpec(_Strict):
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps at the start of each stage.")
     teacher_lr: float | None = Field(default=None, gt=0, le=10, description="LR of the teacher fine-tune; lr/10.")
     grad_clip: float | None = Field(default=None, gt=0, description="Clip the gradient norm to this.")
+    max_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="Max-norm constraint: after each step, cap every unit's incoming weight vector at this L2 norm.",
+    )
 
 
 class JobSpec(_Strict):

@@ -18,6 +18,7 @@ from torch import nn
 
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.checkpoint import Checkpointer, RunState
+from kdcore.constraints import apply_max_norm
 from kdcore.errors import CancelledError, TrainingDivergedError
 from kdcore.losses import LossFn
 from kdcore.runtime import Runtime, capture_rng
@@ -212,6 +213,8 @@ class Trainer:
                 loss.backward()
                 self._clip(model)
                 optimizer.step()
+            if self.optim.max_norm is not None:
+                apply_max_norm(model, self.optim.max_norm)
             scheduler.step()
 
             # Sums stay on the device: reading them every step would sync a GPU each time.

@@ -44,6 +44,10 @@ def test_distill_writes_artifacts_and_prints_a_summary(job_dir: Path, tmp_path: 
     assert "student.ts" not in names
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["student"]["accuracy"] == pytest.approx(summary["accuracy"]["student"])
+    # stderr is a pipe here, not a terminal: one progress line per finished epoch instead of a bar
+    epoch_lines = [line for line in done.stderr.splitlines() if " epoch " in line]
+    assert any(line.startswith("distill epoch 2/2 ") and "train_loss=" in line for line in epoch_lines), done.stderr
+    assert any(line.startswith("baseline epoch 1/2 ") for line in epoch_lines), done.stderr
 
 
 def test_distill_bad_spec_exits_2_naming_the_field(job_dir: Path, tmp_path: Path) -> None:

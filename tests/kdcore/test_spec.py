@@ -7,7 +7,7 @@ import torch
 from kdcore.architectures import list_architectures
 from kdcore.errors import KDError, SpecError
 from kdcore.models import build_model
-from kdcore.runtime import make_runtime
+from kdcore.runtime import cpu_has_native_bf16, make_runtime
 from kdcore.spec import load_spec, parse_spec, resolve_local_paths
 
 MINIMAL = {"teacher": {"file": "t.onnx"}, "data": {"train": "d.npz"}}
@@ -111,6 +111,18 @@ def test_cuda_device_without_gpu_is_a_clear_error() -> None:
     with pytest.raises(KDError, match="bf16"):
         make_runtime("cpu", "fp16")
     assert make_runtime("auto", "bf16").device.type == "cpu"
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("fpu sse2 avx2 fma avx512f avx512bw", False),  # AVX-512 alone converts bf16 in software
+    ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu avx2 amx_bf16 amx_tile", True),
+    ("fpu sse2 avx avx2", False),
+])
+def test_native_bf16_is_read_off_the_cpu_flags(flags: str, native: bool) -> None:
+    cpuinfo = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n"
+    assert cpu_has_native_bf16(cpuinfo) is native
+    assert cpu_has_native_bf16("processor\t: 0\n") is True  # unreadable flags: no false alarm
 
 
 @pytest.mark.parametrize(("size", "pool_size"), [(28, 4), (16, 4), (32, 4), (9, 3), (30, 2)])

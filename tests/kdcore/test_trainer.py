@@ -121,3 +121,40 @@ def test_share_parameters_copies_matching_tensors_only() -> None:
     assert torch.equal(student.state_dict()["1.weight"], teacher.state_dict()["1.weight"])
     assert torch.equal(student.state_dict()["5.bias"], teacher.state_dict()["5.bias"])
     assert not torch.equal(student.state_dict()["3.bias"], teacher.state_dict()["3.bias"][:4])
+
+
+def test_max_norm_bounds_every_units_incoming_weights_after_each_step() -> None:
+    student = build_model("mlp", {"hidden": [32]}, (1, 8, 8), 3)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.mul_(20)  # start far above the bound so the constraint has work to do
+    trainer = Trainer(runtime=CPU, optim=OptimSpec(lr=1e-2, max_norm=0.5), train=_data(), val=None,
+                      preprocess=_Scale(), augment=None, batch_size=16, eval_batch_size=64, seed=0,
+                      callbacks=Callbacks(), checkpointer=None, tracker=ProgressTracker(total_steps=100))
+    trainer.fit(Stage("finetune", "student", 1, 1e-2, 2), student, cross_entropy_loss, RunState())
+    linears = [module for module in student.modules() if isinstance(module, nn.Linear)]
+    assert len(linears) == 2
+    for linear in linears:
+        row_norms = linear.weight.norm(dim=1)
+        assert row_norms.max().item() <= 0.5 + 1e-5
+        assert row_norms.max().item() > 0.4  # rescaled to the bound, not zeroed
+
+
+def test_without_max_norm_weights_are_left_alone() -> None:
+    student = build_model("mlp", {"hidden": [32]}, (1, 8, 8), 3)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.mul_(20)
+    _trainer(_data()).fit(Stage("finetune", "student", 1, 1e-2, 2), student, cross_entropy_loss, RunState())
+    assert student[1].weight.norm(dim=1).max().item() > 1.0
+
+
+def test_mlp_input_dropout_drops_inputs_only_in_training() -> None:
+    model = build_model("mlp", {"hidden": [16], "input_dropout": 0.5}, (1, 8, 8), 3)
+    assert isinstance(model[1], nn.Dropout) and model[1].p == 0.5
+    x = torch.ones(4, 1, 8, 8)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(x), model(x))
