@@ -55,8 +55,8 @@ def test_filled_form_makes_a_valid_spec() -> None:
     checked = spec_form().validate(_filled(**{"stages.baseline": True, "export": ["onnx"], "batch_size": "32"}))
     assert checked.ok, (checked.errors, checked.general)
     assert checked.spec is not None
-    assert checked.spec.teacher.arch_args == {"hidden": [64, 64], "dropout": 0.0, "activation": "relu",
-                                              "batchnorm": False}
+    assert checked.spec.teacher.arch_args == {"hidden": [64, 64], "dropout": 0.0, "input_dropout": 0.0,
+                                              "activation": "relu", "batchnorm": False}
     assert checked.spec.student.arch_args["hidden"] == [16]
     assert checked.spec.stages.baseline is True
     assert checked.spec.export == ["onnx"]
