@@ -254,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-weight-decay", type=float, default=0.0)
     parser.add_argument("--teacher-max-norm", type=float, default=None, help="max-norm constraint (optim.max_norm)")
     parser.add_argument("--teacher-input-dropout", type=float, default=0.2, help="dropout on the teacher's pixels")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of every cached-teacher student job")
+    parser.add_argument("--epochs", type=int, default=60, help="epochs of every cached-teacher student job")
     parser.add_argument("--jitter-epochs", type=int, default=30)
     parser.add_argument("--temperatures", type=float, nargs="*", default=[1.0, 4.0, 8.0, 20.0])
     parser.add_argument("--baseline-temperature", type=float, default=20.0, help="the job that also trains scratch")

@@ -479,12 +479,17 @@ def _finish(
 
 
 def _hand_back(job_run: JobRun, outcome: Outcome, message: str) -> Outcome:
-    """Give the job back: end the lease now, so the next reaper pass requeues it for any worker."""
+    """Give the job back: end the lease now, so the next reaper pass requeues it for any worker.
+
+    A worker that was told to stop refunds the attempt; one that hit an error does not, so a job
+    that keeps failing still ends after `max_attempts`.
+    """
     logger.info("%s", message)
 
     def change(session: Session) -> bool:
         state.append_event(session, job_run.job_id, "log", {"message": message})
-        return state.renew_lease(session, job_run.job_id, job_run.worker_id, lease_seconds=0)
+        return state.hand_back(session, job_run.job_id, job_run.worker_id,
+                               refund_attempt=outcome == Outcome.STOPPED)
 
     return outcome if job_run.write(change, what="the hand-back") else Outcome.LOST
 

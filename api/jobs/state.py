@@ -93,6 +93,22 @@ def renew_lease(
     )
 
 
+def hand_back(
+    session: Session, job_id: str, worker_id: str, *, refund_attempt: bool, now: datetime | None = None
+) -> bool:
+    """The worker gives the job up: its lease ends now, so the reaper's next pass requeues it.
+
+    `refund_attempt` is for a worker that was told to stop (shutdown, deploy, broker loss): the
+    job did nothing wrong, so that run does not count against `max_attempts`.
+    """
+    now = now or utcnow()
+    values: dict[str, Any] = {"lease_expires_at": now, "heartbeat_at": now}
+    if refund_attempt:
+        values["attempts"] = Job.attempts - 1
+    return _update(session, job_id, from_states=(JobState.RUNNING,), where=[Job.worker_id == worker_id],
+                   values=values, now=now)
+
+
 def record_progress(
     session: Session,
     job_id: str,

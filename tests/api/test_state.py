@@ -194,3 +194,20 @@ def test_events_ids_increase_in_order(db_session: Session, job: Job) -> None:
     ids = list(db_session.scalars(select(JobEvent.id).where(JobEvent.job_id == job.id).order_by(JobEvent.id)))
     assert ids == sorted(ids) and len(set(ids)) == 4
     assert [kind for kind, _ in _kinds(db_session, job.id)] == ["state", "state", "progress", "log"]
+
+
+@pytest.mark.parametrize(("refund", "attempts_after"), [(True, 0), (False, 1)])
+def test_hand_back_ends_the_lease_and_refunds_only_a_stop(
+    db_session: Session, job: Job, refund: bool, attempts_after: int
+) -> None:
+    assert state.claim(db_session, job.id, "w1", lease_seconds=300)
+    assert not state.hand_back(db_session, job.id, "w2", refund_attempt=refund)  # not w2's to give back
+    assert state.hand_back(db_session, job.id, "w1", refund_attempt=refund)
+    db_session.commit()
+    job = _reload(db_session, job)
+    assert (job.state, job.attempts) == ("running", attempts_after)
+    assert job.lease_expires_at is not None and job.lease_expires_at <= utcnow()
+    # the reaper's next pass requeues it
+    assert state.requeue_expired(db_session, now=utcnow() + timedelta(seconds=1)) == [job.id]
+    db_session.commit()
+    assert _reload(db_session, job).state == "queued"

@@ -227,12 +227,14 @@ def test_sigterm_hands_the_job_back_and_the_next_attempt_resumes(pg_service: Ser
     assert _checkpoints(pg_service, job_id)
     assert _reap(pg_service) == [(job_id, "default")]
 
+    # A stopped worker refunds the attempt: shutdowns and deploys do not use up max_attempts.
+    assert pg_service.job(job_id).attempts == 0
     assert run(job_id, pg_service.settings) == Outcome.SUCCEEDED
     job = pg_service.job(job_id)
-    assert (job.state, job.attempts) == (JobState.SUCCEEDED, 2)
+    assert (job.state, job.attempts) == (JobState.SUCCEEDED, 1)
     events = pg_service.events(job_id)
     resumes = [event.data for event in events if event.kind == "resume"]
-    assert len(resumes) == 1 and resumes[0]["stage"] == "distill" and resumes[0]["attempt"] == 2
+    assert len(resumes) == 1 and resumes[0]["stage"] == "distill" and resumes[0]["attempt"] == 1
     resumed_after = resumes[0]["epoch"]
     assert 3 <= resumed_after < epochs
     second_run = events[[event.kind for event in events].index("resume"):]
