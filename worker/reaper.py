@@ -6,7 +6,8 @@ while a thread holds a lock (an import of the database driver, a connection pool
 child waiting on that lock forever (seen here: a job's child stuck before its claim). Each pass:
 
 1. requeues running jobs whose lease expired (their worker died or handed them back) and sends
-   them again; a job out of attempts fails as `worker_lost` (`api.jobs.state.requeue_expired`);
+   them again; a job out of attempts fails as `worker_lost` and a job whose cancel was asked is
+   cancelled, and their checkpoints are removed (`api.jobs.state.requeue_expired`);
 2. re-sends queued jobs whose message was probably lost (a crash between commit and send, a
    Redis restart, the embedded broker's missing redelivery): a job counts as lost when it was
    sent longer than `requeue_after_seconds` ago *and* its queue holds fewer messages than it has
@@ -34,6 +35,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.db import create_db_engine, create_session_factory, session_scope
 from api.jobs import state
 from api.models import Job, JobState
+from api.services.artifacts import checkpoint_prefix
+from api.storage import Storage
 from worker.broker import broker_kind
 from worker.enqueue import enqueue_job, queue_sizes
 from worker.process import die_with_parent
@@ -42,12 +45,14 @@ from worker.settings import WorkerSettings
 logger = logging.getLogger("distillery.reaper")
 
 Sender = Callable[[str, str], None]  # (job_id, queue)
+CheckpointRemover = Callable[[str], None]  # (job_id)
 QueueSizes = Callable[[list[str]], dict[str, int]]
 
 
 @dataclass
 class ReapReport:
     requeued: list[str] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     failed_to_send: list[str] = field(default_factory=list)
 
@@ -58,12 +63,21 @@ def reap_once(
     requeue_after: timedelta,
     send: Sender,
     sizes: QueueSizes,
+    remove_checkpoints: CheckpointRemover | None = None,
 ) -> ReapReport:
     report = ReapReport()
     with session_scope(session_factory) as session:
-        report.requeued = state.requeue_expired(session)
+        expired = state.requeue_expired(session)
+    report.requeued, report.ended = expired.requeued, expired.ended
     for job_id in report.requeued:
         logger.warning("job %s: its worker stopped renewing the lease; requeued", job_id)
+    for job_id in report.ended:
+        logger.warning("job %s: its worker was lost and the job ended (cancelled or out of attempts)", job_id)
+        if remove_checkpoints is not None:
+            try:
+                remove_checkpoints(job_id)
+            except Exception as exc:  # cleanup only: the job's final state is already written
+                logger.warning("job %s: could not remove its checkpoints: %s", job_id, exc)
 
     with session_scope(session_factory) as session:
         stale = set(state.stale_queued(session, older_than=requeue_after)) | set(report.requeued)
@@ -147,9 +161,15 @@ class Reaper:
             requeue_after=timedelta(seconds=settings.requeue_after_seconds),
             send=lambda job_id, queue: enqueue_job(job_id, settings=settings, queue=queue),
             sizes=lambda queues: queue_sizes(settings, queues),
+            remove_checkpoints=self._remove_checkpoints,
         )
         self._purge_delivered_messages()
         return report
+
+    def _remove_checkpoints(self, job_id: str) -> None:
+        settings = self.settings
+        storage = Storage(settings.storage_url, settings.storage_options, spool_dir=settings.data_dir / "spool")
+        storage.delete_prefix(checkpoint_prefix(job_id))
 
     def _purge_delivered_messages(self) -> None:
         """kombu's SQLAlchemy transport keeps delivered messages (visible=false) forever; drop them."""

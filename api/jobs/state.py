@@ -18,6 +18,7 @@ not (or no longer) hold the job, which is normal after a duplicate delivery or a
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -221,8 +222,14 @@ def request_cancel(session: Session, job_id: str, *, now: datetime | None = None
     raise IllegalTransitionError(job_id, JobState.CANCELLED, current, code="job_finished")
 
 
-def requeue_expired(session: Session, *, now: datetime | None = None) -> list[str]:
-    """The reaper: running jobs whose lease expired go back to queued; returns those ids to re-enqueue.
+@dataclass
+class ExpiredLeases:
+    requeued: list[str] = field(default_factory=list)  # back to queued: send them again
+    ended: list[str] = field(default_factory=list)  # cancelled or failed here: their checkpoints can go
+
+
+def requeue_expired(session: Session, *, now: datetime | None = None) -> ExpiredLeases:
+    """The reaper: running jobs whose lease expired go back to queued, to be enqueued again.
 
     A job that already used `max_attempts` fails with `worker_lost` instead, and one whose
     cancellation was requested becomes cancelled: nobody is left to do either.
@@ -233,7 +240,7 @@ def requeue_expired(session: Session, *, now: datetime | None = None) -> list[st
         .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
         .order_by(Job.lease_expires_at)
     ).all()
-    requeued = []
+    result = ExpiredLeases()
     for job_id, worker_id, attempts, max_attempts, cancel_requested, started_at in expired:
         # Conditions repeated from the SELECT: the worker may have renewed or finished meanwhile.
         still_expired = [Job.worker_id == worker_id, Job.lease_expires_at < now]
@@ -253,6 +260,7 @@ def requeue_expired(session: Session, *, now: datetime | None = None) -> list[st
                     _state_event(JobState.CANCELLED, None, "worker lost after cancel"),
                     now=now,
                 )
+                result.ended.append(job_id)
         elif attempts >= max_attempts:
             message = f"the worker stopped responding on each of {attempts} attempts"
             if _update(
@@ -268,6 +276,7 @@ def requeue_expired(session: Session, *, now: datetime | None = None) -> list[st
                 now=now,
             ):
                 append_event(session, job_id, "state", _state_event(JobState.FAILED, "worker_lost", message), now=now)
+                result.ended.append(job_id)
         elif _update(
             session,
             job_id,
@@ -283,8 +292,8 @@ def requeue_expired(session: Session, *, now: datetime | None = None) -> list[st
                 {"state": "queued", "reason": "lease_expired", "lost_worker_id": worker_id},
                 now=now,
             )
-            requeued.append(job_id)
-    return requeued
+            result.requeued.append(job_id)
+    return result
 
 
 def stale_queued(session: Session, *, older_than: timedelta, now: datetime | None = None) -> list[str]:

@@ -152,12 +152,14 @@ def test_requeue_expired_requeues_then_fails_after_max_attempts(db_session: Sess
     now = utcnow()
     for attempt in (1, 2):
         assert state.claim(db_session, job.id, f"w{attempt}", lease_seconds=10, now=now)
-        assert state.requeue_expired(db_session, now=now + timedelta(seconds=5)) == []  # lease still valid
-        requeued = state.requeue_expired(db_session, now=now + timedelta(seconds=11))
+        assert state.requeue_expired(db_session, now=now + timedelta(seconds=5)) == state.ExpiredLeases()
+        expired = state.requeue_expired(db_session, now=now + timedelta(seconds=11))
         db_session.commit()
         if attempt == 1:
-            assert requeued == [job.id]
+            assert (expired.requeued, expired.ended) == ([job.id], [])
             assert _reload(db_session, job).state == "queued"
+        else:
+            assert (expired.requeued, expired.ended) == ([], [job.id])
     job = _reload(db_session, job)
     assert (job.state, job.error_code, job.attempts) == ("failed", "worker_lost", 2)
 
@@ -166,7 +168,7 @@ def test_requeue_expired_cancel_requested_becomes_cancelled(db_session: Session,
     now = utcnow()
     state.claim(db_session, job.id, "w1", lease_seconds=10, now=now)
     state.request_cancel(db_session, job.id)
-    assert state.requeue_expired(db_session, now=now + timedelta(seconds=11)) == []
+    assert state.requeue_expired(db_session, now=now + timedelta(seconds=11)) == state.ExpiredLeases(ended=[job.id])
     db_session.commit()
     assert _reload(db_session, job).state == "cancelled"
 
@@ -175,7 +177,7 @@ def test_requeue_expired_renewed_lease_kept(db_session: Session, job: Job) -> No
     now = utcnow()
     state.claim(db_session, job.id, "w1", lease_seconds=10, now=now)
     state.renew_lease(db_session, job.id, "w1", lease_seconds=10, now=now + timedelta(seconds=8))
-    assert state.requeue_expired(db_session, now=now + timedelta(seconds=11)) == []
+    assert state.requeue_expired(db_session, now=now + timedelta(seconds=11)) == state.ExpiredLeases()
     assert _reload(db_session, job).state == "running"
 
 
@@ -208,6 +210,6 @@ def test_hand_back_ends_the_lease_and_refunds_only_a_stop(
     assert (job.state, job.attempts) == ("running", attempts_after)
     assert job.lease_expires_at is not None and job.lease_expires_at <= utcnow()
     # the reaper's next pass requeues it
-    assert state.requeue_expired(db_session, now=utcnow() + timedelta(seconds=1)) == [job.id]
+    assert state.requeue_expired(db_session, now=utcnow() + timedelta(seconds=1)).requeued == [job.id]
     db_session.commit()
     assert _reload(db_session, job).state == "queued"

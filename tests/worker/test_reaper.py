@@ -12,6 +12,7 @@ import pytest
 from api.db import session_scope
 from api.jobs import state
 from api.models import JobState
+from api.services.artifacts import checkpoint_prefix
 from tests.worker.conftest import Service, fast_settings
 from tests.worker.support import redis_database
 from worker.enqueue import enqueue_job, queue_sizes
@@ -55,6 +56,24 @@ def test_reap_once_fails_a_job_out_of_attempts_as_worker_lost(sqlite_service: Se
 
     job = sqlite_service.job(job_id)
     assert (job.state, job.error_code) == (JobState.FAILED, "worker_lost")
+
+
+def test_reaper_removes_the_checkpoints_of_jobs_it_ends(sqlite_service: Service) -> None:
+    service = sqlite_service
+    cancelled_id, requeued_id = service.submit(), service.submit()
+    for job_id in (cancelled_id, requeued_id):
+        service.storage.put_bytes(checkpoint_prefix(job_id) + "checkpoint.pt", b"weights")
+        _claim_and_let_lapse(service, job_id)
+    with session_scope(service.session_factory) as session:
+        state.request_cancel(session, cancelled_id)
+
+    report = Reaper(service.settings).run_once()
+
+    assert (report.ended, report.requeued) == ([cancelled_id], [requeued_id])
+    assert service.job(cancelled_id).state == JobState.CANCELLED
+    assert service.storage.list(checkpoint_prefix(cancelled_id)) == []
+    # a requeued job resumes from its checkpoint, so that one stays
+    assert service.storage.list(checkpoint_prefix(requeued_id)) == [checkpoint_prefix(requeued_id) + "checkpoint.pt"]
 
 
 def test_reap_once_resends_stale_jobs_only_while_their_queue_is_short(sqlite_service: Service) -> None:
