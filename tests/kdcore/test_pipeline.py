@@ -162,6 +162,17 @@ def test_same_seed_same_result(workdir: Path, tmp_path: Path) -> None:
     assert other_seed.metrics["student"]["loss"] != first.metrics["student"]["loss"]
 
 
+def test_baseline_does_not_depend_on_the_distillation_settings(workdir: Path, tmp_path: Path) -> None:
+    # The scratch student of one job is the scratch student of every job with the same seed and budget,
+    # so runs that differ only in T or alpha can share one baseline.
+    spec = _spec(workdir, stages={"distill_epochs": 2, "baseline": True})
+    first = _run(workdir, tmp_path / "a", spec)
+    other = _run(workdir, tmp_path / "b", spec.model_copy(update={
+        "method": spec.method.model_copy(update={"temperature": 20.0, "alpha": 0.5})}))
+    assert first.metrics["baseline"]["loss"] == other.metrics["baseline"]["loss"]
+    assert first.metrics["student"]["loss"] != other.metrics["student"]["loss"]
+
+
 def test_init_from_teacher_reports_shared_tensors(workdir: Path, tmp_path: Path) -> None:
     same_shape = _spec(workdir, student={"arch_args": TEACHER_ARGS, "init_from_teacher": True})
     narrower = _spec(workdir, student={"arch_args": {"hidden": [64, 32]}, "init_from_teacher": True})
