@@ -208,7 +208,7 @@ def table(jobs: list[Job], results: dict[str, dict[str, Any]], out: Path) -> str
         value = epoch_seconds(out / name, stage)
         return f"{value:.1f}" if value is not None else "?"
 
-    lines.append(f"| teacher 1200-1200, dropout 0.5 | 60k, +-2 px jitter | - | {teacher_errors} | - | "
+    lines.append(f"| teacher 1200-1200 (dropout) | 60k, +-2 px jitter | - | {teacher_errors} | - | "
                  f"{per_epoch('teacher', 'finetune')} | {wall('teacher')} |")
     summary: dict[str, Any] = {"teacher_errors": teacher_errors}
     for group, label, size in (("plain", "original 60k (cached teacher)", "800-800"),
