@@ -120,7 +120,7 @@ FileId = Annotated[str, Path(max_length=64, description="A file id.", examples=[
 def owned_job(job_id: JobId, user: CurrentUser, session: SessionDep) -> Job:
     """The caller's job; another user's is a 404 exactly like a missing one."""
     job = jobs.get_job(session=session, owner_id=user.id, job_id=job_id)
-    _release_connection(session)
+    release_connection(session)
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -128,13 +128,13 @@ def owned_job(job_id: JobId, user: CurrentUser, session: SessionDep) -> Job:
 
 def owned_file(file_id: FileId, user: CurrentUser, session: SessionDep) -> File:
     row = files.get_file(session=session, owner_id=user.id, file_id=file_id)
-    _release_connection(session)
+    release_connection(session)
     if row is None:
         raise not_found("file", file_id)
     return row
 
 
-def _release_connection(session: Session) -> None:
+def release_connection(session: Session) -> None:
     # End the read transaction now: the session would otherwise hold its pooled connection until
     # the request is over (after the response is serialised and sent), and under load the pool
     # runs dry while connections sit idle in finished views. Rows stay loaded (expire_on_commit

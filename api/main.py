@@ -78,9 +78,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.session_factory = session_factory
-    app.state.storage = storage or Storage(
-        settings.storage_url, settings.storage_options, spool_dir=settings.data_dir / "spool"
-    )
+    app.state.storage = storage or Storage.from_settings(settings)
     app.state.metrics = Metrics(session_factory)
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds)
     app.state.schema_revision = ScriptDirectory.from_config(alembic_config(settings.database_url)).get_current_head()

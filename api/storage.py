@@ -22,10 +22,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    from api.settings import Settings
 
 CHUNK_SIZE = 1024 * 1024
 _SPOOL_DIR = ".spool"
@@ -129,6 +132,11 @@ class Storage:
             spool = spool_dir or Path(tempfile.gettempdir()) / "distillery-spool"
         spool.mkdir(parents=True, exist_ok=True)
         self.spool_dir = spool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        """The store a service's settings name (the API, every worker and the reaper share it)."""
+        return cls(settings.storage_url, settings.storage_options, spool_dir=settings.data_dir / "spool")
 
     # Writing ---------------------------------------------------------------------------
 

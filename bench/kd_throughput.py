@@ -18,8 +18,8 @@ Two kinds of measurement:
 Variants (same model, data on the same device, batch size, seed, AdamW + cosine per step, no
 validation, MNIST train split of 60,000 images; the CNN pair uses its first --cnn-train images):
 * engine kd:   `kdcore.pipeline.run_job` (the whole job; teacher logits cached once as fp16); the
-               epochs are timed by the engine's own per-epoch clock (history.csv `epoch_time_s`,
-               which covers the training steps of an epoch, not the checkpoint written after it).
+               epochs are timed by the engine's own per-epoch clock (history.csv `train_time_s`,
+               which covers the training steps of an epoch, not validation or the checkpoint).
 * engine ce:   the same job with only the hard-label stage (`distill_epochs: 0, finetune_epochs: E`),
                i.e. training the student alone through the engine.
 * hand kd:     a minimal PyTorch loop: float inputs prepared once, teacher logits cached once,
@@ -163,8 +163,9 @@ def _autocast_factory(device: Any, precision: str) -> Any:
 
 
 def _steps(n: int) -> int:
-    full, rest = divmod(n, BATCH)
-    return full + (1 if rest > 1 else 0)  # as the engine: a last batch of one sample is dropped
+    from kdcore.trainer import steps_per_epoch
+
+    return steps_per_epoch(n, BATCH)  # as the engine: a last batch of one sample is dropped
 
 
 def run_engine(job: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +211,7 @@ def run_engine(job: dict[str, Any]) -> dict[str, Any]:
         result = run_job(spec, JobInputs(teacher=Path(job["teacher_file"]), train=Path(job["data"])),
                          RunOptions(out_dir=Path(out), latency_runs=1, progress_interval_s=1e9), clock)
         with (Path(out) / "history.csv").open() as handle:
-            times = [float(row["epoch_time_s"]) for row in csv.DictReader(handle)]
+            times = [float(row["train_time_s"]) for row in csv.DictReader(handle)]
     stage = "distill" if job["work"] == "kd" else "finetune"
     cache_s = clock.stage_start["distill"] - clock.stage_start["teacher_cache"] if job["work"] == "kd" else 0.0
     ends = [clock.stage_start[stage], *clock.epoch_ends]

@@ -11,8 +11,8 @@ is already there), then reads every metrics.json and prints the table of docs/re
 1. teacher: a 784-1200-1200-10 MLP with dropout 0.5 after each hidden layer, trained on all 60,000
    images with +-2 px jitter (`data.augment: shift`), as the paper's. Distillery trains it as the
    "student" of a job with only a hard-label stage (`distill_epochs: 0, finetune_epochs: N`): the
-   job's own teacher is a placeholder (a zero linear layer written here), because the weights of a
-   `teacher_finetune` stage are not exported by the engine. Its student.safetensors is the teacher.
+   job's own teacher is a placeholder (a zero linear layer written here), so the teacher's training
+   stays apart from any distillation. Its student.safetensors is the teacher.
 2. 800-800 students (no dropout, no other regulariser, as the paper's), distilled at each T with the
    teacher's logits cached (`augment: none`); the T=20 job also trains the scratch student with the
    same budget and the same data (`stages.baseline: true`).
@@ -39,6 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
 SPEC_DIR = ROOT / "bench" / "specs" / "hinton"
+DEFAULT_OUT = ROOT / "runs" / "hinton"
 DISTILLERY = ROOT / ".venv" / "bin" / "distillery"
 
 STUDENT_ARGS = {"hidden": [800, 800]}
@@ -155,7 +156,7 @@ def epoch_seconds(job_out: Path, stage: str) -> float | None:
     import csv
 
     with history.open() as handle:
-        times = [float(row["epoch_time_s"]) for row in csv.DictReader(handle) if row["stage"] == stage]
+        times = [float(row["train_time_s"]) for row in csv.DictReader(handle) if row["stage"] == stage]
     return sum(times) / len(times) if times else None
 
 
@@ -201,7 +202,7 @@ def table(jobs: list[Job], results: dict[str, dict[str, Any]], out: Path) -> str
         import csv
 
         with history.open() as handle:
-            total = sum(float(row["epoch_time_s"]) for row in csv.DictReader(handle))
+            total = sum(float(row["train_time_s"]) for row in csv.DictReader(handle))
         return f"{total:.0f} s (training epochs)"
 
     def per_epoch(name: str, stage: str) -> str:
@@ -246,7 +247,7 @@ def table(jobs: list[Job], results: dict[str, dict[str, Any]], out: Path) -> str
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA), help="mnist.npz (x_train, y_train, x_test, y_test)")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "hinton"), help="where the jobs write (inside the repo)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="where the jobs write (inside the repo)")
     parser.add_argument("--teacher-epochs", type=int, default=100)
     parser.add_argument("--teacher-optim", default="adamw", choices=["adamw", "sgd"])
     parser.add_argument("--teacher-lr", type=float, default=1e-3)
@@ -284,15 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {args.data} is not here (the real MNIST of ../shared/data; see its README)")
         return 0
     out = Path(args.out).resolve()
-    # The full run's specs live in the repository; a quick run's stay next to its outputs.
-    spec_dir = out / "specs" if args.quick else SPEC_DIR
+    # The default run's specs live in the repository; any other run's (--quick, another --out) stay
+    # next to its outputs, so trying other flags never rewrites the committed ones.
+    spec_dir = SPEC_DIR if out == DEFAULT_OUT and not args.quick else out / "specs"
     jobs = build_jobs(args, out, spec_dir)
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    for job in jobs:
-        (spec_dir / f"{job.name}.yaml").write_text(yaml.safe_dump(job.spec, sort_keys=False))
-    if not args.table_only:
-        write_placeholder_teacher(out / "placeholder_teacher.safetensors")
     results: dict[str, dict[str, Any]] = {}
+    if not args.table_only:
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        for job in jobs:
+            (spec_dir / f"{job.name}.yaml").write_text(yaml.safe_dump(job.spec, sort_keys=False))
+        write_placeholder_teacher(out / "placeholder_teacher.safetensors")
     if args.table_only:
         for job in jobs:
             path = out / job.name / "metrics.json"

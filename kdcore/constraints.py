@@ -18,5 +18,4 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
     """Rescale each output unit's weights (dim 0 of Linear/Conv weights) to an L2 norm <= max_norm."""
     for module in model.modules():
         if isinstance(module, _CONSTRAINED):
-            weight = module.weight
-            weight.copy_(torch.renorm(weight, p=2, dim=0, maxnorm=max_norm))
+            module.weight.renorm_(p=2, dim=0, maxnorm=max_norm)

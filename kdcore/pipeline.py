@@ -153,13 +153,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     _announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, inputs, models, preprocess, runtime, options, state)
     _announce(callbacks, "export", fraction=1.0)
-    artifacts = _export(spec, data, models["student"], metrics, options)
-    if spec.stages.teacher_finetune_epochs:
-        # The adapted teacher is worth keeping: it is what the student learnt from.
-        artifacts.append(exporting.export_safetensors(
-            models["teacher"].cpu(), options.out_dir / "teacher_finetuned.safetensors",
-            {"arch": spec.teacher.arch, "arch_args": spec.teacher.arch_args, "input_shape": list(data.input_shape),
-             "num_classes": data.num_classes}))
+    artifacts = _export(spec, data, models, metrics, options)
     _announce(callbacks, "report", fraction=1.0)
     artifacts += _write_reports(spec, data, metrics, state, options)
     if not options.keep_checkpoint:
@@ -225,9 +219,7 @@ def _teacher_targets(spec: JobSpec, teacher: Teacher, train: DeviceData, preproc
         return LiveTeacher(teacher.module, runtime)
     # No random augmentation: the teacher sees the same inputs every epoch, so one pass is enough.
     _announce(callbacks, "teacher_cache")
-    # One pass, so it runs in fp32 whatever the job's precision: bf16 would round every cached logit.
-    full_precision = Runtime(device=runtime.device, precision="fp32")
-    return TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=full_precision,
+    return TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=runtime,
                                       batch_size=spec.eval_batch_size)
 
 
@@ -289,16 +281,24 @@ def _evaluate_int8(student: nn.Module, x: torch.Tensor, y: torch.Tensor, data: D
     }
 
 
-def _export(spec: JobSpec, data: DataBundle, student: nn.Module, metrics: dict[str, Any],
+def _export(spec: JobSpec, data: DataBundle, models: dict[str, nn.Module], metrics: dict[str, Any],
             options: RunOptions) -> list[Path]:
-    student = student.cpu().eval()
+    student = models["student"].cpu().eval()
     out = options.out_dir
-    metadata = {"arch": spec.student.arch, "arch_args": spec.student.arch_args,
-                "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                "class_names": data.class_names, "normalize": spec.data.normalize.model_dump()}
+
+    def metadata(arch: str | None, arch_args: dict[str, Any]) -> dict[str, Any]:
+        return {"arch": arch, "arch_args": arch_args, "input_shape": list(data.input_shape),
+                "num_classes": data.num_classes, "class_names": data.class_names,
+                "normalize": spec.data.normalize.model_dump()}
+
     artifacts = []
+    if spec.stages.teacher_finetune_epochs:
+        # The adapted teacher is worth keeping: it is what the student learnt from.
+        artifacts.append(exporting.export_safetensors(models["teacher"].cpu(), out / "teacher_finetuned.safetensors",
+                                                      metadata(spec.teacher.arch, spec.teacher.arch_args)))
     if "safetensors" in spec.export:
-        artifacts.append(exporting.export_safetensors(student, out / "student.safetensors", metadata))
+        artifacts.append(exporting.export_safetensors(student, out / "student.safetensors",
+                                                      metadata(spec.student.arch, spec.student.arch_args)))
     if "torchscript" in spec.export:
         artifacts.append(exporting.export_torchscript(student, out / "student.ts", data.input_shape))
     if "onnx" in spec.export:

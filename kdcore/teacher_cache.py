@@ -26,7 +26,9 @@ class TeacherLogitsCache:
     @classmethod
     def compute(cls, teacher: nn.Module, x: torch.Tensor, *, preprocess: nn.Module, runtime: Runtime,
                 batch_size: int) -> TeacherLogitsCache:
-        logits = predict_logits(teacher, x, preprocess=preprocess, runtime=runtime, batch_size=batch_size)
+        # One pass, so it runs in fp32 whatever the job's precision: bf16 would round every cached logit.
+        full_precision = Runtime(device=runtime.device, precision="fp32")
+        logits = predict_logits(teacher, x, preprocess=preprocess, runtime=full_precision, batch_size=batch_size)
         compact = logits.half() if logits.abs().max().item() < _FLOAT16_SAFE else logits
         return cls(compact.to(runtime.device))
 

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 
 from sqlalchemy import Engine, MetaData, Table, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.db import create_db_engine, create_session_factory, session_scope
 from api.jobs import state
 from api.models import Job, JobState
-from api.services.artifacts import checkpoint_prefix
+from api.services.artifacts import delete_checkpoints
 from api.storage import Storage
 from worker.broker import broker_kind
 from worker.enqueue import enqueue_job, queue_sizes
@@ -74,10 +75,7 @@ def reap_once(
     for job_id in report.ended:
         logger.warning("job %s: its worker was lost and the job ended (cancelled or out of attempts)", job_id)
         if remove_checkpoints is not None:
-            try:
-                remove_checkpoints(job_id)
-            except Exception as exc:  # cleanup only: the job's final state is already written
-                logger.warning("job %s: could not remove its checkpoints: %s", job_id, exc)
+            remove_checkpoints(job_id)
 
     with session_scope(session_factory) as session:
         stale = set(state.stale_queued(session, older_than=requeue_after)) | set(report.requeued)
@@ -161,15 +159,14 @@ class Reaper:
             requeue_after=timedelta(seconds=settings.requeue_after_seconds),
             send=lambda job_id, queue: enqueue_job(job_id, settings=settings, queue=queue),
             sizes=lambda queues: queue_sizes(settings, queues),
-            remove_checkpoints=self._remove_checkpoints,
+            remove_checkpoints=lambda job_id: delete_checkpoints(self.storage, job_id),
         )
         self._purge_delivered_messages()
         return report
 
-    def _remove_checkpoints(self, job_id: str) -> None:
-        settings = self.settings
-        storage = Storage(settings.storage_url, settings.storage_options, spool_dir=settings.data_dir / "spool")
-        storage.delete_prefix(checkpoint_prefix(job_id))
+    @cached_property
+    def storage(self) -> Storage:
+        return Storage.from_settings(self.settings)
 
     def _purge_delivered_messages(self) -> None:
         """kombu's SQLAlchemy transport keeps delivered messages (visible=false) forever; drop them."""

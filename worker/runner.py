@@ -44,7 +44,7 @@ from api.db import create_db_engine, create_session_factory, session_scope
 from api.jobs import state
 from api.jobs.state import IllegalTransitionError
 from api.models import FINISHED_STATES, File, Job, JobFile, JobState
-from api.services.artifacts import checkpoint_prefix, record_artifact
+from api.services.artifacts import checkpoint_prefix, delete_checkpoints, record_artifact
 from api.storage import Storage, StorageError, StoredObject, check_key
 from kdcore.callbacks import Callbacks
 from worker.logs import job_logging
@@ -120,8 +120,7 @@ class JobRun:
     def storage(self) -> Storage:
         # Made on first use, inside the run: a store that cannot be reached is then an
         # infrastructure failure of this attempt, recorded on the job, not a crashed task.
-        settings = self.settings
-        return Storage(settings.storage_url, settings.storage_options, spool_dir=settings.data_dir / "spool")
+        return Storage.from_settings(self.settings)
 
     @property
     def checkpoint_key(self) -> str:
@@ -402,7 +401,7 @@ def _succeed(job_run: JobRun, out_dir: Path, result: RunResult) -> Outcome:
     except BaseException:
         _forget_uploads(job_run)
         raise
-    _remove_checkpoints(job_run)
+    delete_checkpoints(job_run.storage, job_run.job_id)
     return Outcome.SUCCEEDED
 
 
@@ -474,7 +473,7 @@ def _finish(
     if not job_run.write(change, what=f"the final state {final}"):
         return Outcome.LOST
     if remove_checkpoints:
-        _remove_checkpoints(job_run)
+        delete_checkpoints(job_run.storage, job_run.job_id)
     return Outcome(str(final))
 
 
@@ -492,13 +491,6 @@ def _hand_back(job_run: JobRun, outcome: Outcome, message: str) -> Outcome:
                                refund_attempt=outcome == Outcome.STOPPED)
 
     return outcome if job_run.write(change, what="the hand-back") else Outcome.LOST
-
-
-def _remove_checkpoints(job_run: JobRun) -> None:
-    try:
-        job_run.storage.delete_prefix(checkpoint_prefix(job_run.job_id))
-    except Exception as exc:  # cleanup only: the job's state is already written
-        logger.warning("could not remove the job's checkpoints: %s", exc)
 
 
 def _forget_uploads(job_run: JobRun) -> None:

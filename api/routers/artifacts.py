@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from api.deps import OwnedJob, SessionDep, StorageDep
+from api.deps import OwnedJob, SessionDep, StorageDep, release_connection
 from api.errors import not_found
 from api.routers import download_headers, errors
 from api.schemas import ArtifactList, ArtifactOut
@@ -41,6 +41,5 @@ def download_artifact(job: OwnedJob, name: str, session: SessionDep, storage: St
         media_type=artifact.content_type,
         headers=download_headers(artifact.name, artifact.size, artifact.sha256),
     )
-    # A slow download must not hold a pooled connection (and its transaction) for its whole length.
-    session.close()
+    release_connection(session)  # a slow download must not hold a pooled connection for its whole length
     return response

@@ -167,9 +167,9 @@ async def _job_events(
 @router.post(
     "/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job", responses=errors(404, 409, 422)
 )
-def cancel_job(job: OwnedJob, session: SessionDep) -> JobOut:
+def cancel_job(job: OwnedJob, session: SessionDep, storage: StorageDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step (`cancel_requested`)."""
-    return JobOut.of(jobs.cancel_job(session=session, job=job))
+    return JobOut.of(jobs.cancel_job(session=session, storage=storage, job=job))
 
 
 @router.delete(

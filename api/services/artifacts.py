@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 
 from sqlalchemy import delete, select
@@ -26,8 +27,19 @@ def artifact_key(job_id: str, name: str) -> str:
     return check_key(f"jobs/{job_id}/artifacts/{name}")
 
 
+logger = logging.getLogger("distillery.artifacts")
+
+
 def checkpoint_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoints/"
+
+
+def delete_checkpoints(storage: Storage, job_id: str) -> None:
+    """Delete an ended job's checkpoints; cleanup only, so a failing store is logged, not raised."""
+    try:
+        storage.delete_prefix(checkpoint_prefix(job_id))
+    except Exception as exc:  # the job's final state is already written
+        logger.warning("job %s: could not remove its checkpoints: %s", job_id, exc)
 
 
 def guess_content_type(name: str) -> str:

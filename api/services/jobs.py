@@ -17,6 +17,7 @@ from api.ids import new_id
 from api.jobs import state
 from api.jobs.state import IllegalTransitionError
 from api.models import ACTIVE_STATES, FINISHED_STATES, File, FilePurpose, Job, JobFile, JobState, User
+from api.services.artifacts import delete_checkpoints
 from api.services.files import resolve_file
 from api.settings import Settings
 from api.storage import Storage
@@ -206,12 +207,15 @@ def read_job_status(*, connection: Connection, owner_id: str, job_id: str) -> Ro
     return connection.execute(_STATUS_QUERY, {"job_id": job_id, "owner_id": owner_id}).first()
 
 
-def cancel_job(*, session: Session, job: Job) -> Job:
+def cancel_job(*, session: Session, storage: Storage, job: Job) -> Job:
     try:
-        state.request_cancel(session, job.id)
+        now = state.request_cancel(session, job.id)
     except IllegalTransitionError as exc:
         raise ApiError(409, exc.code, f"job {job.id} is {exc.current} and can no longer be cancelled") from None
     session.commit()
+    if now == JobState.CANCELLED:
+        # Cancelled while queued: no worker will clean up, and a handed-back job has checkpoints.
+        delete_checkpoints(storage, job.id)
     session.refresh(job)
     return job
 

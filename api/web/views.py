@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep, StorageDep
+from api.deps import SessionDep, SettingsDep, StorageDep, release_connection
 from api.errors import ApiError
 from api.event_stream import follow_events
 from api.models import FilePurpose, Job, JobState
@@ -340,11 +340,11 @@ def job_results(request: Request, job_id: str, user: WebUser, session: SessionDe
 
 
 @router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse, dependencies=[CsrfForm])
-def cancel_job(request: Request, job_id: str, user: WebUser, session: SessionDep) -> Response:
+def cancel_job(request: Request, job_id: str, user: WebUser, session: SessionDep, storage: StorageDep) -> Response:
     job = _owned_job(session, user, job_id)
     message = None
     try:
-        job = jobs.cancel_job(session=session, job=job)
+        job = jobs.cancel_job(session=session, storage=storage, job=job)
     except ApiError as exc:
         session.rollback()
         message = exc.message
@@ -371,7 +371,7 @@ def download_artifact(job_id: str, name: str, user: WebUser, session: SessionDep
                       storage: StorageDep) -> StreamingResponse:
     job = _owned_job(session, user, job_id)
     artifact = artifacts.get_artifact(session=session, job_id=job.id, name=name)
-    session.commit()
+    release_connection(session)
     if artifact is None:
         raise PageNotFoundError(f"Job {job.id} has no artifact {name}.")
     headers = {**download_headers(artifact.name, artifact.size, artifact.sha256), "Cache-Control": "private"}

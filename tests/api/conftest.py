@@ -8,7 +8,6 @@ copy of a migrated template file. `client` talks to the app through Starlette's 
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from api.settings import Settings
 from api.storage import Storage
 from tests.api import factories
 from tests.support import postgres_database
-
-PG_ADMIN_URL = os.environ.get("DISTILLERY_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")

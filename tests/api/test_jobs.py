@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.jobs import state
 from api.models import File, FilePurpose, Job, JobState, User
+from api.services.artifacts import checkpoint_prefix
 from api.settings import Settings
 from api.storage import Storage
 from tests.api import factories
@@ -281,8 +282,20 @@ def test_stream_job_events_replays_and_ends(
 
 def test_cancel_job_queued_cancelled(client: TestClient, alice: Account, session: Session, storage: Storage) -> None:
     job = factories.make_job(session, storage, alice.user)
+    # a job handed back by a stopped worker waits in the queue with its checkpoint
+    storage.put_bytes(checkpoint_prefix(job.id) + "checkpoint.pt", b"weights")
     response = client.post(f"/v1/jobs/{job.id}/cancel", headers=alice.headers)
     assert response.status_code == 200 and response.json()["state"] == "cancelled"
+    assert storage.list(checkpoint_prefix(job.id)) == []
+
+
+def test_cancel_job_running_keeps_its_checkpoint_for_the_worker(
+    client: TestClient, alice: Account, session: Session, storage: Storage
+) -> None:
+    job = factories.make_job(session, storage, alice.user, job_state=JobState.RUNNING)
+    storage.put_bytes(checkpoint_prefix(job.id) + "checkpoint.pt", b"weights")
+    client.post(f"/v1/jobs/{job.id}/cancel", headers=alice.headers)
+    assert storage.list(checkpoint_prefix(job.id)) == [checkpoint_prefix(job.id) + "checkpoint.pt"]
 
 
 def test_cancel_job_running_flags_it(client: TestClient, alice: Account, session: Session, storage: Storage) -> None:

@@ -14,7 +14,7 @@ from api.db import create_db_engine
 from api.migrate import downgrade_to_base, upgrade_to_head
 from api.models import Base
 from api.settings import Settings
-from tests.api.conftest import PG_ADMIN_URL
+from tests.support import PG_ADMIN_URL
 
 TABLES = {"user", "api_key", "file", "job", "job_file", "artifact", "job_event"}
 
