@@ -233,13 +233,8 @@ def _kd(student_logits: Any, teacher_logits: Any, labels: Any) -> Any:
 def run_hand(job: dict[str, Any]) -> dict[str, Any]:
     """The minimal loop a practitioner writes, doing the engine's work step for step."""
     import torch
-    import torch.nn.functional as F
 
-    device = torch.device(job["device_resolved"])
-    autocast = _autocast_factory(device, job["precision"])
-    x, y, x_test, y_test = _load_arrays(Path(job["data"]), device)
-    teacher = _load_teacher(job, device)
-    model = _student(job, device)
+    device, autocast, (x, y, x_test, y_test), teacher, model = _setup(job)
     epochs, steps = job["epochs"], _steps(len(x))
 
     started = time.perf_counter()
@@ -261,26 +256,7 @@ def run_hand(job: dict[str, Any]) -> dict[str, Any]:
     for _ in range(epochs):
         _sync(device)
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(x), generator=generator).to(device)
-        for step in range(steps):
-            index = order[step * BATCH:(step + 1) * BATCH]
-            inputs, labels = x[index], y[index]
-            with autocast():
-                logits = model(inputs)
-            logits = logits.float()
-            if job["work"] == "ce":
-                loss = F.cross_entropy(logits, labels)
-            elif job["work"] == "kd":
-                loss = _kd(logits, cached[index], labels)
-            else:  # kd-live
-                with torch.no_grad(), autocast():
-                    teacher_logits = teacher(inputs)
-                loss = _kd(logits, teacher_logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        _hand_epoch(model, x, y, cached, job["work"], optimizer, scheduler, generator, autocast, teacher)
         _sync(device)
         times.append(time.perf_counter() - started)
     peak = _peak_rss_mb()
@@ -288,9 +264,19 @@ def run_hand(job: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_mb": peak, "rss_before_mb": rss_before}
 
 
+def _setup(job: dict[str, Any]) -> tuple[Any, Any, tuple[Any, Any, Any, Any], Any, Any]:
+    """What every side of a job starts from: device, autocast, the arrays, the teacher and a fresh student."""
+    import torch
+
+    device = torch.device(job["device_resolved"])
+    autocast = _autocast_factory(device, job["precision"])
+    arrays = _load_arrays(Path(job["data"]), device)
+    return device, autocast, arrays, _load_teacher(job, device), _student(job, device)
+
+
 def _hand_epoch(model: Any, x: Any, y: Any, cached: Any, work: str, optimizer: Any, scheduler: Any,
-                generator: Any, autocast: Any) -> None:
-    """One epoch of the hand-written loop (cached teacher logits for kd, none for ce)."""
+                generator: Any, autocast: Any, teacher: Any = None) -> None:
+    """One epoch of the hand-written loop: `ce` on labels, `kd` on cached teacher logits, `kd-live` runs the teacher."""
     import torch
     import torch.nn.functional as F
 
@@ -298,10 +284,18 @@ def _hand_epoch(model: Any, x: Any, y: Any, cached: Any, work: str, optimizer: A
     order = torch.randperm(len(x), generator=generator).to(x.device)
     for step in range(_steps(len(x))):
         index = order[step * BATCH:(step + 1) * BATCH]
+        inputs, labels = x[index], y[index]
         with autocast():
-            logits = model(x[index])
+            logits = model(inputs)
         logits = logits.float()
-        loss = F.cross_entropy(logits, y[index]) if work == "ce" else _kd(logits, cached[index], y[index])
+        if work == "ce":
+            loss = F.cross_entropy(logits, labels)
+        elif work == "kd":
+            loss = _kd(logits, cached[index], labels)
+        else:  # kd-live
+            with torch.no_grad(), autocast():
+                teacher_logits = teacher(inputs)
+            loss = _kd(logits, teacher_logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -441,11 +435,7 @@ def run_ab(job: dict[str, Any]) -> dict[str, Any]:
 def run_torchdistill(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    device = torch.device(job["device_resolved"])
-    autocast = _autocast_factory(device, job["precision"])
-    x, y, x_test, y_test = _load_arrays(Path(job["data"]), device)
-    teacher = _load_teacher(job, device)
-    model = _student(job, device)
+    device, autocast, (x, y, x_test, y_test), teacher, model = _setup(job)
     torch.manual_seed(job["seed"])
     box = _torchdistill_box(teacher, model, x, y, job["epochs"], device)
     rss_before = _rss_now_mb()
