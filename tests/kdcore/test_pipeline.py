@@ -162,6 +162,16 @@ def test_same_seed_same_result(workdir: Path, tmp_path: Path) -> None:
     assert other_seed.metrics["student"]["loss"] != first.metrics["student"]["loss"]
 
 
+def test_same_seed_same_result_with_jitter_and_input_dropout(workdir: Path, tmp_path: Path) -> None:
+    # The reproduction's teacher job: live shift augmentation, dropout on the inputs and hidden
+    # layers, hard labels only. Every random draw must come from the seed.
+    spec = _spec(workdir, data={"augment": "shift"}, stages={"distill_epochs": 0, "finetune_epochs": 2},
+                 student={"arch_args": {"hidden": [16], "dropout": 0.5, "input_dropout": 0.2}})
+    first = _run(workdir, tmp_path / "a", spec)
+    second = _run(workdir, tmp_path / "b", spec)
+    assert first.metrics["student"]["loss"] == second.metrics["student"]["loss"]
+
+
 def test_baseline_does_not_depend_on_the_distillation_settings(workdir: Path, tmp_path: Path) -> None:
     # The scratch student of one job is the scratch student of every job with the same seed and budget,
     # so runs that differ only in T or alpha can share one baseline.
