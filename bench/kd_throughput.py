@@ -532,7 +532,8 @@ def _subset_npz(n: int) -> Path:
 
 
 def _measure(job: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The repository first, then whatever the caller put on the path (packages installed beside it).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
