@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 from api.models import Artifact
 from api.storage import Storage, StoredObject, check_key
 
+logger = logging.getLogger("distillery.artifacts")
+
 # Types mimetypes does not know; everything else falls back to its guess or octet-stream.
 _CONTENT_TYPES = {
     ".safetensors": "application/octet-stream",
@@ -26,8 +28,6 @@ _CONTENT_TYPES = {
 def artifact_key(job_id: str, name: str) -> str:
     return check_key(f"jobs/{job_id}/artifacts/{name}")
 
-
-logger = logging.getLogger("distillery.artifacts")
 
 
 def checkpoint_prefix(job_id: str) -> str:
