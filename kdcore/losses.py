@@ -29,6 +29,7 @@ def kd_loss(
     the number of classes). Its gradient with respect to the logits scales as 1/T^2, so the
     T^2 factor keeps the soft term's weight independent of the temperature.
     With alpha = 1 the labels are not used at all, so unlabeled data can be distilled.
+    `labels` are class indices, or class probabilities where mixup blended them.
     """
     temperature_sq = temperature * temperature
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)

@@ -34,6 +34,7 @@ from kdcore.evaluate import (
 )
 from kdcore.inference import predict_logits
 from kdcore.losses import build_distill_loss, cross_entropy_loss
+from kdcore.mixup import build_mixup
 from kdcore.models import build_model
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.sharing import share_parameters
@@ -125,6 +126,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     trainer = Trainer(
         runtime=runtime, optim=spec.optim, train=train, val=val, preprocess=preprocess,
         augment=build_augment(spec.data.augment, fill=preprocess.zero_value),
+        mixup=build_mixup(spec.data.mixup, data.num_classes),
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
         seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
         tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
@@ -215,9 +217,9 @@ def _build_models(spec: JobSpec, data: DataBundle, teacher: Teacher, state: RunS
 
 def _teacher_targets(spec: JobSpec, teacher: Teacher, train: DeviceData, preprocess: nn.Module, runtime: Runtime,
                      callbacks: Callbacks) -> TeacherLogitsCache | LiveTeacher:
-    if augment_is_random(spec.data.augment):
+    if augment_is_random(spec.data.augment) or spec.data.mixup > 0:
         return LiveTeacher(teacher.module, runtime)
-    # No random augmentation: the teacher sees the same inputs every epoch, so one pass is enough.
+    # No random augmentation or mixup: the teacher sees the same inputs every epoch, so one pass is enough.
     _announce(callbacks, "teacher_cache")
     return TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=runtime,
                                       batch_size=spec.eval_batch_size)

@@ -88,6 +88,13 @@ class DataSpec(_Strict):
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of train held out for validation.")
     normalize: NormalizeSpec = Field(default_factory=NormalizeSpec, description="Applied after uint8 → [0, 1].")
     augment: Augment = Field(default="none", description="Random augmentation; none lets teacher logits be cached.")
+    mixup: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description="Blend pairs of training samples and their labels, weight ~ Beta(m, m); 0 = off. "
+        "The teacher then runs live on the blends (function matching); 0.2-1 are usual.",
+    )
     image_size: int | None = Field(default=None, ge=4, le=1024, description="Resize ImageFolder images to this.")
 
 

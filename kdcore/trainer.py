@@ -21,6 +21,7 @@ from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.constraints import apply_max_norm
 from kdcore.errors import CancelledError, TrainingDivergedError
 from kdcore.losses import LossFn
+from kdcore.mixup import Mixup, hard_labels
 from kdcore.runtime import Runtime, capture_rng
 from kdcore.spec import OptimSpec
 
@@ -124,6 +125,7 @@ class Trainer:
         checkpointer: Checkpointer | None,
         tracker: ProgressTracker,
         progress_interval_s: float = 1.0,
+        mixup: Mixup | None = None,
     ) -> None:
         self.runtime = runtime
         self.optim = optim
@@ -131,6 +133,7 @@ class Trainer:
         self.val = val
         self.preprocess = preprocess
         self.augment = augment
+        self.mixup = mixup
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
@@ -196,6 +199,8 @@ class Trainer:
             if self.augment is not None:
                 inputs = self.augment(inputs, shuffle_rng)
             labels = self.train.y[indices]
+            if self.mixup is not None:
+                inputs, labels = self.mixup(inputs, labels, shuffle_rng)
             targets = teacher_targets(indices, inputs) if teacher_targets is not None else None
 
             with self.runtime.autocast():
@@ -219,7 +224,7 @@ class Trainer:
 
             # Sums stay on the device: reading them every step would sync a GPU each time.
             loss_sum += loss.detach() * len(indices)
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            correct += (logits.detach().argmax(dim=1) == hard_labels(labels)).sum()
             seen += len(indices)
             self.tracker.done_steps += 1
             if time.monotonic() - last_report >= self.progress_interval_s:

@@ -135,9 +135,10 @@ def test_cancel_is_honoured_within_one_step(workdir: Path, tmp_path: Path) -> No
     assert steps_seen == 5
 
 
-def test_resumed_run_ends_with_the_same_metrics(workdir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_resumed_run_ends_with_the_same_metrics(workdir: Path, tmp_path: Path, mixup: float) -> None:
     spec = _spec(workdir, stages={"distill_epochs": 2, "finetune_epochs": 1, "baseline": True},
-                 student={"arch_args": {"hidden": [16], "dropout": 0.2}})
+                 student={"arch_args": {"hidden": [16], "dropout": 0.2}}, data={"mixup": mixup})
     straight = _run(workdir, tmp_path / "straight", spec)
 
     steps_per_epoch = 480 // 32
@@ -170,6 +171,21 @@ def test_same_seed_same_result_with_jitter_and_input_dropout(workdir: Path, tmp_
     first = _run(workdir, tmp_path / "a", spec)
     second = _run(workdir, tmp_path / "b", spec)
     assert first.metrics["student"]["loss"] == second.metrics["student"]["loss"]
+
+
+def test_mixup_runs_the_teacher_live_and_repeats_with_its_seed(workdir: Path, tmp_path: Path) -> None:
+    stages = {"distill_epochs": 2, "baseline": True}
+    mixed, plain = Recorder(), Recorder()
+    first = _run(workdir, tmp_path / "a", _spec(workdir, data={"mixup": 0.4}, stages=stages), mixed)
+    second = _run(workdir, tmp_path / "b", _spec(workdir, data={"mixup": 0.4}, stages=stages))
+    unmixed = _run(workdir, tmp_path / "c", _spec(workdir, stages=stages), plain)
+
+    assert "teacher_cache" in {p.stage for p in plain.progress}
+    assert "teacher_cache" not in {p.stage for p in mixed.progress}, "blends need the teacher run live"
+    for key in ("student", "baseline"):
+        assert first.metrics[key]["loss"] == second.metrics[key]["loss"]
+        # The baseline shares the data pipeline, so it is trained on the blends too.
+        assert first.metrics[key]["loss"] != unmixed.metrics[key]["loss"]
 
 
 def test_baseline_does_not_depend_on_the_distillation_settings(workdir: Path, tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ def test_parse_spec_fills_documented_defaults() -> None:
     ({"data": {"train": "d.npz", "val_fraction": 1.0}}, "data.val_fraction", "less than 1"),
     ({"data": {"train": "d.npz", "normalize": {"std": [0.0]}}}, "data.normalize.std", "> 0"),
     ({"data": {"train": "d.npz", "augment": "mixup"}}, "data.augment", "'none'"),
+    ({"data": {"train": "d.npz", "mixup": -0.5}}, "data.mixup", "greater than or equal to 0"),
     ({"device": "tpu"}, "device", "auto, cpu, cuda"),
     ({"precision": "int4"}, "precision", "'fp32'"),
     ({"export": ["tflite"]}, "export.0", "'safetensors'"),

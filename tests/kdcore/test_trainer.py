@@ -6,6 +6,7 @@ from kdcore.callbacks import Callbacks
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.errors import TrainingDivergedError
 from kdcore.losses import build_distill_loss, cross_entropy_loss
+from kdcore.mixup import Mixup
 from kdcore.models import build_model
 from kdcore.runtime import Runtime
 from kdcore.sharing import share_parameters
@@ -158,3 +159,40 @@ def test_mlp_input_dropout_drops_inputs_only_in_training() -> None:
     model.train()
     torch.manual_seed(0)
     assert not torch.equal(model(x), model(x))
+
+
+class RecordingTeacher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return self.net(x)
+
+
+def test_mixup_teaches_the_teacher_on_the_blends() -> None:
+    data = _data()
+    teacher = RecordingTeacher()
+    student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+    trainer = _trainer(data)
+    trainer.mixup = Mixup(1.0, num_classes=3)
+    trainer.fit(Stage("distill", "student", 1, 1e-2, 1), student, build_distill_loss(MethodSpec(alpha=0.5)),
+                RunState(), teacher_targets=LiveTeacher(teacher, CPU))
+
+    seen = torch.cat(teacher.inputs).flatten(1)
+    originals = (data.x.float() / 255).flatten(1)
+    distance_to_nearest = torch.cdist(seen, originals).min(dim=1).values
+    assert len(seen) == steps_per_epoch(len(data), 16) * 16
+    assert (distance_to_nearest > 1e-3).float().mean() > 0.5, "the teacher should see blends, not the samples"
+
+
+def test_mixup_trains_on_blended_hard_labels() -> None:
+    state = RunState()
+    student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+    trainer = _trainer(_data())
+    trainer.mixup = Mixup(0.4, num_classes=3)
+    trainer.fit(Stage("baseline", "baseline", 2, 1e-2, 3), student, cross_entropy_loss, state)
+    assert [row["epoch"] for row in state.history] == [1, 2]
+    assert all(0.0 <= row["train_accuracy"] <= 1.0 and row["train_loss"] > 0 for row in state.history)
