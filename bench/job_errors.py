@@ -7,7 +7,8 @@ Reads each job's metrics.json. A row per job: the teacher's, the distilled stude
 `stages.baseline: true`) the scratch student's test errors, and the gap recovered
 (scratch - distilled) / (scratch - teacher). `--scratch` gives other scratch errors, one per job
 in order (say, scratch students trained without the job's augmentation), for a second gap column.
-The last row is the mean over the jobs.
+The last row is the mean over the jobs; its gap recovered is that of the mean errors (pooled), not
+the mean of the rows' ratios.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main() -> None:
     distilled = mean([r.distilled for r in rows])
     scratch = mean_or_none([r.scratch for r in rows])
     other = mean_or_none([r.other_scratch for r in rows])
+    # "recovered" of the mean row is that of the mean errors (pooled), as docs/reproduction.md quotes it
     print(f"| **mean of {len(rows)}** | {teacher:.1f} | {text(scratch, '.1f')} | {distilled:.1f} | "
           f"{recovered(scratch, distilled, teacher)} | | {text(other, '.1f')} | "
           f"{recovered(other, distilled, teacher)} |")

@@ -27,13 +27,21 @@ class Mixup:
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(labels)
         beta = torch.distributions.Beta(torch.tensor(self.concentration), torch.tensor(self.concentration))
-        lam = beta.sample((n,)).to(device=inputs.device, dtype=inputs.dtype)
-        partner = torch.randperm(n, generator=generator).to(inputs.device)
+        lam = _to_device(beta.sample((n,)), inputs.device).to(inputs.dtype)
+        partner = _to_device(torch.randperm(n, generator=generator), inputs.device)
         weight = lam.view(n, *([1] * (inputs.dim() - 1)))
         mixed = weight * inputs + (1.0 - weight) * inputs[partner]
         one_hot = F.one_hot(labels, self.num_classes).to(inputs.dtype)
         lam_col = lam.view(n, 1)
         return mixed, lam_col * one_hot + (1.0 - lam_col) * one_hot[partner]
+
+
+def _to_device(cpu_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A plain copy to a GPU makes the host wait for every queued kernel, once per step; a copy
+    # from pinned memory is queued like a kernel instead.
+    if device.type == "cuda":
+        return cpu_tensor.pin_memory().to(device, non_blocking=True)
+    return cpu_tensor.to(device)
 
 
 def build_mixup(concentration: float, num_classes: int) -> Mixup | None:

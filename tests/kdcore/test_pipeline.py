@@ -135,20 +135,27 @@ def test_cancel_is_honoured_within_one_step(workdir: Path, tmp_path: Path) -> No
     assert steps_seen == 5
 
 
-@pytest.mark.parametrize("mixup", [0.0, 0.4])
-def test_resumed_run_ends_with_the_same_metrics(workdir: Path, tmp_path: Path, mixup: float) -> None:
-    spec = _spec(workdir, stages={"distill_epochs": 2, "finetune_epochs": 1, "baseline": True},
+@pytest.mark.parametrize(("mixup", "finetune_epochs", "resumed_from"), [
+    (0.0, 1, ("distill", 2)),
+    # Mixup draws from the global generator and the stage's shuffling generator: resume inside a
+    # stage, so both must come back from the checkpoint.
+    (0.4, 2, ("finetune", 1)),
+])
+def test_resumed_run_ends_with_the_same_metrics(workdir: Path, tmp_path: Path, mixup: float, finetune_epochs: int,
+                                                resumed_from: tuple[str, int]) -> None:
+    spec = _spec(workdir, stages={"distill_epochs": 2, "finetune_epochs": finetune_epochs, "baseline": True},
                  student={"arch_args": {"hidden": [16], "dropout": 0.2}}, data={"mixup": mixup})
     straight = _run(workdir, tmp_path / "straight", spec)
 
     steps_per_epoch = 480 // 32
-    interrupted = Recorder(cancel_after_steps=steps_per_epoch * 2 + 3)  # dies inside finetune
+    # dies inside the last finetune epoch
+    interrupted = Recorder(cancel_after_steps=steps_per_epoch * (1 + finetune_epochs) + 3)
     with pytest.raises(CancelledError):
         _run(workdir, tmp_path / "resumed", spec, interrupted)
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint.pt").exists()
     resumed = _run(workdir, tmp_path / "resumed", spec, Recorder())
 
-    assert resumed.resumed_from == ("distill", 2)
+    assert resumed.resumed_from == resumed_from
     for key in ("student", "baseline"):
         assert resumed.metrics[key]["accuracy"] == straight.metrics[key]["accuracy"]
         assert resumed.metrics[key]["loss"] == pytest.approx(straight.metrics[key]["loss"], abs=1e-6)
