@@ -47,7 +47,7 @@ def text(value: float | None, fmt: str = "g") -> str:
 
 def mean_or_none(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
-    return mean(present) if present and len(present) == len(values) else None
+    return mean(present) if len(present) == len(values) else None
 
 
 def read_row(job: Path, other_scratch: float | None) -> Row:

@@ -12,7 +12,7 @@ generator (as dropout is), so a seeded run, and a resumed one, repeats exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,17 @@ import torch.nn.functional as F
 class Mixup:
     concentration: float  # m of Beta(m, m): small m keeps most samples nearly whole, 1 is uniform
     num_classes: int
+    # Built once, not every training step (construction validates its arguments).
+    _beta: torch.distributions.Beta = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        m = torch.tensor(float(self.concentration))
+        object.__setattr__(self, "_beta", torch.distributions.Beta(m, m))
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(labels)
-        beta = torch.distributions.Beta(torch.tensor(self.concentration), torch.tensor(self.concentration))
-        lam = _to_device(beta.sample((n,)), inputs.device).to(inputs.dtype)
+        lam = _to_device(self._beta.sample((n,)), inputs.device).to(inputs.dtype)
         partner = _to_device(torch.randperm(n, generator=generator), inputs.device)
         weight = lam.view(n, *([1] * (inputs.dim() - 1)))
         mixed = weight * inputs + (1.0 - weight) * inputs[partner]

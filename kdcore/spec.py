@@ -87,7 +87,9 @@ class DataSpec(_Strict):
     test: str | None = Field(default=None, description="Separate test set; else the npz test split.")
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of train held out for validation.")
     normalize: NormalizeSpec = Field(default_factory=NormalizeSpec, description="Applied after uint8 → [0, 1].")
-    augment: Augment = Field(default="none", description="Random augmentation; none lets teacher logits be cached.")
+    augment: Augment = Field(
+        default="none", description="Random augmentation; none (and no mixup) lets teacher logits be cached."
+    )
     mixup: float = Field(
         default=0.0,
         ge=0.0,

@@ -23,10 +23,11 @@ def _data(n: int = 96) -> DeviceData:
                       torch.randint(0, 3, (n,), generator=generator))
 
 
-def _trainer(data: DeviceData, *, augment=None, checkpointer=None) -> Trainer:
+def _trainer(data: DeviceData, *, augment=None, checkpointer=None, mixup=None) -> Trainer:
     return Trainer(runtime=CPU, optim=OptimSpec(lr=1e-2), train=data, val=None,
                    preprocess=_Scale(), augment=augment, batch_size=16, eval_batch_size=64, seed=0,
-                   callbacks=Callbacks(), checkpointer=checkpointer, tracker=ProgressTracker(total_steps=100))
+                   callbacks=Callbacks(), checkpointer=checkpointer, tracker=ProgressTracker(total_steps=100),
+                   mixup=mixup)
 
 
 class _Scale(nn.Module):
@@ -176,10 +177,9 @@ def test_mixup_teaches_the_teacher_on_the_blends() -> None:
     data = _data()
     teacher = RecordingTeacher()
     student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
-    trainer = _trainer(data)
-    trainer.mixup = Mixup(1.0, num_classes=3)
-    trainer.fit(Stage("distill", "student", 1, 1e-2, 1), student, build_distill_loss(MethodSpec(alpha=0.5)),
-                RunState(), teacher_targets=LiveTeacher(teacher, CPU))
+    _trainer(data, mixup=Mixup(1.0, num_classes=3)).fit(Stage("distill", "student", 1, 1e-2, 1), student,
+                                                        build_distill_loss(MethodSpec(alpha=0.5)), RunState(),
+                                                        teacher_targets=LiveTeacher(teacher, CPU))
 
     seen = torch.cat(teacher.inputs).flatten(1)
     originals = (data.x.float() / 255).flatten(1)
@@ -198,9 +198,8 @@ def test_mixup_trains_on_blended_hard_labels() -> None:
 
     state = RunState()
     student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
-    trainer = _trainer(_data())
-    trainer.mixup = Mixup(1.0, num_classes=3)
-    trainer.fit(Stage("baseline", "baseline", 2, 1e-2, 3), student, recording_loss, state)
+    _trainer(_data(), mixup=Mixup(1.0, num_classes=3)).fit(Stage("baseline", "baseline", 2, 1e-2, 3), student,
+                                                           recording_loss, state)
 
     labels = torch.cat(seen_labels)
     assert labels.shape == (2 * 96, 3) and labels.dtype == torch.float32
