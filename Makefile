@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and alone: pip takes this exact build from local disk where it lies there.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,test]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 	touch $@
 
 serve: install

@@ -12,12 +12,12 @@ from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import ApiError, not_found
-from api.models import File, Job
-from api.services import files, jobs, users
-from api.services.users import Principal
-from api.settings import Settings
-from api.storage import Storage
+from service import files, jobs, users
+from service.errors import ServiceError, not_found
+from service.models import File, Job
+from service.settings import Settings
+from service.storage import Storage
+from service.users import Principal
 
 _BEARER_DESCRIPTION = "An API key: `Authorization: Bearer dk_...`."
 
@@ -54,7 +54,7 @@ async def reject_unknown_query(request: Request) -> None:
     for name in request.query_params:
         if name not in known:
             expected = ", ".join(sorted(known)) or "none"
-            raise ApiError(
+            raise ServiceError(
                 422, "invalid_request", f"unknown query parameter {name!r}; expected: {expected}", field=name
             )
 
@@ -84,7 +84,7 @@ class ApiKeyBearer(HTTPBearer):
     async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
         credentials = await super().__call__(request)
         if credentials is None:
-            raise ApiError(
+            raise ServiceError(
                 401,
                 "unauthenticated",
                 "send your API key as `Authorization: Bearer dk_...`",

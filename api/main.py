@@ -17,16 +17,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import create_db_engine, create_session_factory
 from api.deps import current_user, reject_unknown_query
 from api.errors import install_error_handlers
-from api.migrate import alembic_config
 from api.observability import Metrics, ObservabilityMiddleware
 from api.routers import architectures, artifacts, errors, files, health, jobs
-from api.services.users import AuthCache
-from api.settings import Settings, get_settings
-from api.storage import Storage
 from api.web import mount_web
+from service.db import create_db_engine, create_session_factory
+from service.migrate import alembic_config
+from service.settings import Settings, get_settings
+from service.storage import Storage
+from service.users import AuthCache
 
 API_VERSION = "1.0.0"
 DESCRIPTION = """\

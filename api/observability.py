@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -23,57 +21,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.models import Job, JobState
+from service.logs import request_id_var
+from service.models import Job, JobState
 
-request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 access_logger = logging.getLogger("distillery.access")
 logger = logging.getLogger("distillery.api")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_STANDARD_RECORD_KEYS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-# json.dumps(entry, default=str) would build this encoder again for every line (one per request).
-_encode_json = json.JSONEncoder(default=str).encode
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, and any `extra=` fields."""
-
-    _second: tuple[int, str] = (-1, "")  # the last second formatted: every request logs a line
-
-    def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        cached = self._second
-        if cached[0] != second:
-            cached = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-        entry: dict[str, Any] = {
-            "ts": f"{cached[1]}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_KEYS})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return _encode_json(entry)
-
-
-def configure_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
-    """Route every logger (uvicorn's too) through one stderr handler."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
-    # The middleware writes the access log, with the request id and route.
-    logging.getLogger("uvicorn.access").disabled = True
-
-
 class JobCollector(Collector):
     """Job gauges read from the database at scrape time (the row is the truth, and the API is stateless).
 

@@ -8,9 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Row
 
-from api.models import Artifact, File, Job
-
-JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from service.models import Artifact, File, FilePurpose, Job, JobState
 
 
 class FileOut(BaseModel):
@@ -18,7 +16,7 @@ class FileOut(BaseModel):
 
     id: str = Field(examples=["file_01j9z3m8k2q4x7v5t6r8s0w1ya"])
     name: str = Field(examples=["teacher.safetensors"])
-    purpose: Literal["teacher", "dataset"]
+    purpose: FilePurpose
     size: int = Field(description="Bytes.", examples=[1_234_567])
     sha256: str = Field(examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"])
     info: dict[str, Any] = Field(
@@ -54,7 +52,7 @@ class JobError(BaseModel):
 class JobOut(BaseModel):
     id: str = Field(examples=["job_01j9z3m8k2q4x7v5t6r8s0w1yb"])
     name: str | None
-    state: JobStateName
+    state: JobState
     stage: str | None = Field(description="Pipeline stage while running, e.g. distill.", examples=["distill"])
     queue: str
     progress: Progress
@@ -71,12 +69,12 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job | Row[Any]) -> JobOut:
-        """From a Job, or a row of the job table's columns (the status read's, api.services.jobs)."""
+        """From a Job, or a row of the job table's columns (the status read's, service.jobs)."""
         error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
         return cls(
             id=job.id,
             name=job.name,
-            state=job.state,  # type: ignore[arg-type]
+            state=JobState(job.state),
             stage=job.stage,
             queue=job.queue,
             progress=Progress.model_validate(_clamped(job.progress or {})),

@@ -1,4 +1,8 @@
-"""Streaming multipart parsing for uploads: bytes go to storage as they arrive, hashed on the way.
+"""Receiving an upload: streamed multipart parsing, the limits, the cheap check, and the record.
+
+`receive_file` is the one upload path: `POST /v1/files` and the web page's upload both call it,
+so quotas, limits and file checks are the same for both. Bytes go to storage as they arrive,
+hashed on the way.
 
 FastAPI's `UploadFile` would spool the whole body first; here the request stream is fed to
 streaming-form-data's parser, whose `file` target writes into a storage ObjectWriter. The parser
@@ -12,14 +16,20 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from fastapi import Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from streaming_form_data import StreamingFormDataParser
 from streaming_form_data.parser import ParseFailedException
 from streaming_form_data.targets import BaseTarget
 
-from api.errors import ApiError
-from api.storage import ObjectWriter, Storage
+from service import files
+from service.errors import ServiceError
+from service.ids import new_id
+from service.keys import upload_key
+from service.models import File, FilePurpose
+from service.settings import Settings
+from service.storage import ObjectTooLargeError, ObjectWriter, Storage
 
 BATCH_BYTES = 1024 * 1024
 MAX_FIELD_BYTES = 256
@@ -38,7 +48,7 @@ class _WriterTarget(BaseTarget):
 
     def on_start(self) -> None:
         if self.writer is not None:
-            raise ApiError(422, "invalid_request", "send exactly one `file` part", field="file")
+            raise ServiceError(422, "invalid_request", "send exactly one `file` part", field="file")
         self.writer = self._open_writer(PurePosixPath(self.multipart_filename or "").suffix.lower())
 
     def on_data_received(self, chunk: bytes) -> None:
@@ -59,7 +69,9 @@ class _SmallValueTarget(BaseTarget):
     def on_data_received(self, chunk: bytes) -> None:
         self._value += chunk
         if len(self._value) > MAX_FIELD_BYTES:
-            raise ApiError(422, "invalid_request", f"form field longer than {MAX_FIELD_BYTES} bytes", field="purpose")
+            raise ServiceError(
+                422, "invalid_request", f"form field longer than {MAX_FIELD_BYTES} bytes", field="purpose"
+            )
 
     @property
     def value(self) -> str | None:
@@ -73,20 +85,73 @@ class ReceivedUpload:
     purpose: str | None
 
 
+async def receive_file(
+    request: Request, *, owner_id: str, session: Session, settings: Settings, storage: Storage
+) -> File:
+    """Stream a multipart `file` + `purpose` into storage, check it cheaply and record it for `owner_id`.
+
+    Raises ServiceError (400/413/422); nothing is kept of a refused upload.
+    """
+    used = await run_in_threadpool(files.used_bytes, session=session, owner_id=owner_id)
+    room = settings.user_quota_bytes - used
+    limit = min(settings.max_upload_bytes, room)
+    declared = int(request.headers.get("content-length") or 0)
+    if room <= 0 or declared > room + MULTIPART_OVERHEAD:
+        raise files.quota_exceeded(settings)
+    if declared > settings.max_upload_bytes + MULTIPART_OVERHEAD:
+        raise files.file_too_large(settings)
+
+    file_id = new_id("file")
+    try:
+        upload = await receive_upload(request, storage=storage, key=upload_key(owner_id, file_id), max_bytes=limit)
+    except ObjectTooLargeError:
+        raise (
+            files.file_too_large(settings) if limit == settings.max_upload_bytes else files.quota_exceeded(settings)
+        ) from None
+    with upload.writer:  # discarded unless store_upload commits it
+        purpose = _purpose(upload.purpose)
+        info = await run_in_threadpool(files.sniff_upload, path=str(upload.writer.local_path), purpose=purpose)
+        return await run_in_threadpool(
+            files.store_upload,
+            session=session,
+            settings=settings,
+            storage=storage,
+            owner_id=owner_id,
+            file_id=file_id,
+            writer=upload.writer,
+            purpose=purpose,
+            name=files.clean_filename(upload.filename),
+            info=info,
+        )
+
+
+def _purpose(value: str | None) -> FilePurpose:
+    if value is None:
+        raise ServiceError(
+            422, "invalid_request", "the `purpose` field is missing: teacher or dataset", field="purpose"
+        )
+    try:
+        return FilePurpose(value.strip())
+    except ValueError:
+        raise ServiceError(
+            422, "invalid_request", f"purpose must be teacher or dataset, not {value!r}", field="purpose"
+        ) from None
+
+
 async def receive_upload(request: Request, *, storage: Storage, key: str, max_bytes: int) -> ReceivedUpload:
     """Parse `file` and `purpose` from a multipart request into an uncommitted ObjectWriter.
 
-    Raises ApiError (400/413/422); the partial bytes are discarded then. `ObjectTooLargeError`
+    Raises ServiceError (400/413/422); the partial bytes are discarded then. `ObjectTooLargeError`
     propagates for the caller to tell the upload limit from the quota.
     """
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        raise ApiError(
+        raise ServiceError(
             422, "invalid_request", "send multipart/form-data with fields `file` and `purpose`", field="file"
         )
     try:
         parser = StreamingFormDataParser(headers=dict(request.headers))
     except Exception:
-        raise ApiError(400, "bad_request", "the multipart body has no valid boundary") from None
+        raise ServiceError(400, "bad_request", "the multipart body has no valid boundary") from None
     file_target = _WriterTarget(lambda suffix: storage.writer(key, max_bytes=max_bytes, suffix=suffix))
     purpose_target = _SmallValueTarget()
     parser.register("file", file_target)
@@ -94,9 +159,9 @@ async def receive_upload(request: Request, *, storage: Storage, key: str, max_by
     try:
         await _feed(request, parser)
         if file_target.writer is None:
-            raise ApiError(422, "invalid_request", "the `file` part is missing", field="file")
+            raise ServiceError(422, "invalid_request", "the `file` part is missing", field="file")
         if not file_target.finished:
-            raise ApiError(400, "bad_request", "the multipart body ended before the file did", field="file")
+            raise ServiceError(400, "bad_request", "the multipart body ended before the file did", field="file")
         file_target.writer.close_file()
     except BaseException:
         if file_target.writer is not None:
@@ -116,12 +181,12 @@ async def _feed(request: Request, parser: StreamingFormDataParser) -> None:
         if batch:
             await run_in_threadpool(_parse, parser, bytes(batch))
     except ClientDisconnect:
-        raise ApiError(400, "bad_request", "the client went away during the upload") from None
+        raise ServiceError(400, "bad_request", "the client went away during the upload") from None
 
 
 def _parse(parser: StreamingFormDataParser, data: bytes) -> None:
-    # Errors raised by the targets (ApiError, ObjectTooLargeError) come through unchanged.
+    # Errors raised by the targets (ServiceError, ObjectTooLargeError) come through unchanged.
     try:
         parser.data_received(data)
     except ParseFailedException as exc:
-        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from None
+        raise ServiceError(400, "bad_request", f"malformed multipart body: {exc}") from None

@@ -64,8 +64,8 @@ def minimal_app() -> Any:
     from sqlalchemy import bindparam, select
     from sqlalchemy.orm import Session
 
-    from api.db import create_db_engine
-    from api.models import Job
+    from service.db import create_db_engine
+    from service.models import Job
 
     engine = create_db_engine(os.environ["BENCH_DATABASE_URL"])  # the API's engine settings
     app = FastAPI()
@@ -338,8 +338,8 @@ def seed(base: str, headers: dict[str, str], jobs: int) -> tuple[dict[str, Any],
 def count_burst_jobs(database_url: str, run_id: str) -> tuple[int, int]:
     from sqlalchemy import func, select
 
-    from api.db import create_db_engine
-    from api.models import Job
+    from service.db import create_db_engine
+    from service.models import Job
 
     engine = create_db_engine(database_url)
     with engine.connect() as connection:
@@ -358,7 +358,7 @@ def run_database(database: str, seconds: float, workdir: Path, client_cpu: list[
     results: list[Result] = []
     try:
         created = subprocess.run(
-            [python, "-m", "api.cli", "admin", "create-user", "bench"],
+            [python, "-m", "distillery.cli", "admin", "create-user", "bench"],
             env=env,
             cwd=REPO,
             capture_output=True,
@@ -367,13 +367,13 @@ def run_database(database: str, seconds: float, workdir: Path, client_cpu: list[
         )
         key = created.stdout.split()[-1]
         headers = {"Authorization": f"Bearer {key}"}
-        from api.settings import Settings
+        from service.settings import Settings
 
         database_url = Settings(_env_file=None, **_settings_from(env)).database_url  # type: ignore[call-arg]
 
         api_port, minimal_port = free_port(), free_port()
         api_server = start(
-            [python, "-m", "api.cli", "api", "--port", str(api_port)], env, api_port, workdir / "api.log"
+            [python, "-m", "distillery.cli", "api", "--port", str(api_port)], env, api_port, workdir / "api.log"
         )
         minimal_server = start(
             [

@@ -75,7 +75,7 @@ def run_direct(files: JobFiles, spec: dict[str, Any], folder: Path) -> float:
     spec_path.write_text(json.dumps(local))
     out = folder / f"out-{time.monotonic_ns()}"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from api.cli import app; app()", "distill", str(spec_path), "--out",
+    subprocess.run([sys.executable, "-c", "from distillery.cli import app; app()", "distill", str(spec_path), "--out",
                     str(out), "--no-progress"], check=True, cwd=REPO, capture_output=True)
     return time.perf_counter() - started
 

@@ -42,6 +42,10 @@ class Callbacks:
     def on_log(self, message: str) -> None:
         return None
 
+    def on_resume(self, stage: str, epoch: int) -> None:
+        """The run continues from a checkpoint written after `epoch` of `stage` (before any training)."""
+        return None
+
     def should_cancel(self) -> bool:
         return False
 
@@ -69,6 +73,10 @@ class CallbackList(Callbacks):
     def on_log(self, message: str) -> None:
         for callback in self.callbacks:
             callback.on_log(message)
+
+    def on_resume(self, stage: str, epoch: int) -> None:
+        for callback in self.callbacks:
+            callback.on_resume(stage, epoch)
 
     def should_cancel(self) -> bool:
         return any(callback.should_cancel() for callback in self.callbacks)

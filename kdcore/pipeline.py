@@ -118,8 +118,9 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     checkpointer = Checkpointer(options.checkpoints)
     state = (checkpointer.load() if options.resume else None) or RunState()
     resumed_from = (state.stage, state.epoch) if state.stage else None
-    if resumed_from:
+    if state.stage:
         callbacks.on_log(f"resuming from the checkpoint after {state.stage} epoch {state.epoch}")
+        callbacks.on_resume(state.stage, state.epoch)
 
     train = DeviceData(data.train.x.to(runtime.device), data.train.y.to(runtime.device))
     val = DeviceData(data.val.x.to(runtime.device), data.val.y.to(runtime.device)) if data.val else None

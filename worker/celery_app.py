@@ -11,12 +11,11 @@ from typing import Any
 
 from celery import Celery
 
-from worker.broker import broker_kind, set_polling_interval, transport_options
-from worker.enqueue import TASK_NAME
-from worker.settings import WorkerSettings, get_worker_settings
+from service.queue import TASK_NAME, broker_kind, set_polling_interval, transport_options
+from service.settings import Settings, get_settings
 
 
-def celery_config(settings: WorkerSettings) -> dict[str, Any]:
+def celery_config(settings: Settings) -> dict[str, Any]:
     redis = broker_kind(settings.broker_url) == "redis"
     return {
         "broker_url": settings.broker_url,
@@ -50,8 +49,8 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     }
 
 
-def create_celery_app(settings: WorkerSettings | None = None) -> Celery:
-    settings = settings or get_worker_settings()
+def create_celery_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
     set_polling_interval(settings, settings.broker_polling_seconds)
     app = Celery("distillery", set_as_current=True)
     app.conf.update(celery_config(settings))

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import typer
 
-from api.settings import QUEUES
+from service.settings import QUEUES
 
 logger = logging.getLogger("distillery.worker")
 
@@ -66,18 +66,19 @@ def worker_command(
 
 
 def run_worker(queues: list[str], *, concurrency: int = 1, pool: str = "prefork") -> int:
-    from worker.settings import get_worker_settings, job_threads
+    from service.settings import get_settings
+    from worker.threads import job_threads
 
-    settings = get_worker_settings()
+    settings = get_settings()
     # Set before anything imports torch, so OpenMP in the children never starts more threads.
     threads = job_threads(settings, concurrency=concurrency)
     os.environ["DISTILLERY_WORKER_THREADS"] = str(threads)
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, str(threads))
-    get_worker_settings.cache_clear()
-    settings = get_worker_settings()
+    get_settings.cache_clear()
+    settings = get_settings()
 
-    from worker.broker import prepare_embedded_broker
+    from service.queue import prepare_embedded_broker
     from worker.celery_app import create_celery_app
     from worker.logs import configure_worker_logging
     from worker.reaper import start_reaper_process

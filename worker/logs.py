@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from api.observability import configure_logging
+from service.logs import configure_logging
 
 job_context: ContextVar[tuple[str, int] | None] = ContextVar("job_context", default=None)
 

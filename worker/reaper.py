@@ -7,7 +7,7 @@ child waiting on that lock forever (seen here: a job's child stuck before its cl
 
 1. requeues running jobs whose lease expired (their worker died or handed them back) and sends
    them again; a job out of attempts fails as `worker_lost` and a job whose cancel was asked is
-   cancelled, and their checkpoints are removed (`api.jobs.state.requeue_expired`);
+   cancelled, and their checkpoints are removed (`service.state.requeue_expired`);
 2. re-sends queued jobs whose message was probably lost (a crash between commit and send, a
    Redis restart, the embedded broker's missing redelivery): a job counts as lost when it was
    sent longer than `requeue_after_seconds` ago *and* its queue holds fewer messages than it has
@@ -33,15 +33,14 @@ from functools import cached_property
 from sqlalchemy import Engine, MetaData, Table, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import create_db_engine, create_session_factory, session_scope
-from api.jobs import state
-from api.models import Job, JobState
-from api.services.artifacts import delete_checkpoints
-from api.storage import Storage
-from worker.broker import broker_kind
-from worker.enqueue import enqueue_job, queue_sizes
+from service import state
+from service.artifacts import delete_checkpoints
+from service.db import create_db_engine, create_session_factory, session_scope
+from service.models import Job, JobState
+from service.queue import broker_kind, enqueue_job, queue_sizes
+from service.settings import Settings
+from service.storage import Storage
 from worker.process import die_with_parent
-from worker.settings import WorkerSettings
 
 logger = logging.getLogger("distillery.reaper")
 
@@ -124,7 +123,7 @@ def reap_once(
 class Reaper:
     """Runs `reap_once` every `reaper_interval_seconds` until stopped."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._engine: Engine | None = None
         self._broker_engine: Engine | None = None
@@ -189,10 +188,10 @@ def start_reaper_process() -> subprocess.Popen[bytes]:
 
 
 def main() -> None:
+    from service.settings import get_settings
     from worker.logs import configure_worker_logging
-    from worker.settings import get_worker_settings
 
-    settings = get_worker_settings()
+    settings = get_settings()
     configure_worker_logging(settings.log_level, json_lines=settings.log_json)
     reaper = Reaper(settings)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -2,8 +2,9 @@
 
 The job's row is the truth. `claim` is one conditional UPDATE (only a queued job can be taken),
 so a duplicate delivery finds the job taken and returns. While the engine runs, a heartbeat
-thread renews the lease and reads the cancel flag; the engine asks `should_cancel` before every
-step, which reads a threading.Event. Three things can stop a run early:
+thread (`worker.heartbeat`) renews the lease and reads the cancel flag; the engine reports through
+`worker.callbacks.JobCallbacks` and asks `should_cancel` before every step, which reads a
+threading.Event of the attempt (`worker.job_run`). Three things can stop a run early:
 
 * the user cancels: the job becomes `cancelled` and its checkpoints are removed;
 * the worker is told to stop (SIGTERM: shutdown, or Celery's cancel on broker loss): the job is
@@ -18,62 +19,42 @@ attempt until `max_attempts`, then fail it with their code.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import os
 import re
-import signal
 import socket
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from enum import StrEnum
-from functools import cached_property
 from pathlib import Path, PurePosixPath
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import create_db_engine, create_session_factory, session_scope
-from api.jobs import state
-from api.jobs.state import IllegalTransitionError
-from api.models import FINISHED_STATES, File, Job, JobFile, JobState
-from api.services.artifacts import checkpoint_prefix, delete_checkpoints, record_artifact
-from api.storage import Storage, StorageError, StoredObject, check_key
-from kdcore.callbacks import Callbacks
+from service import state
+from service.artifacts import delete_checkpoints, record_artifact
+from service.db import create_db_engine, create_session_factory, session_scope
+from service.keys import CHECKPOINT_NAME
+from service.models import File, Job, JobFile, JobState
+from service.settings import Settings
+from service.state import IllegalTransitionError
+from service.storage import StorageError, StoredObject, check_key
+from worker.callbacks import JobCallbacks
+from worker.heartbeat import Heartbeat, stop_on_sigterm
+from worker.job_run import JobRun, Outcome
 from worker.logs import job_logging
-from worker.process import worker_stopping
-from worker.settings import WorkerSettings, job_threads
+from worker.threads import job_threads
 
 if TYPE_CHECKING:
-    from kdcore.callbacks import Progress
     from kdcore.pipeline import JobInputs, RunResult
 
 logger = logging.getLogger("distillery.worker")
 
-CHECKPOINT_NAME = "checkpoint.pt"
 # The engine's deliberate errors are deterministic: running the job again fails the same way.
 RETRYABLE_ENGINE_CODES = frozenset({"internal"})
 # metrics.json keys too big for the job row (they stay in the artifact and the report).
 METRICS_KEPT_OUT_OF_ROW = ("student_confusion",)
-_RESUME_MESSAGE = re.compile(r"resuming from the checkpoint after (?P<stage>\w+) epoch (?P<epoch>\d+)")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class Outcome(StrEnum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    RETRY = "retry"  # handed back after an infrastructure error; the reaper requeues it
-    STOPPED = "stopped"  # handed back because the worker was told to stop
-    LOST = "lost"  # the lease went to someone else; nothing was written
-    SKIPPED = "skipped"  # not queued when the message came: a duplicate, or cancelled before it started
 
 
 class InputMissingError(Exception):
@@ -84,82 +65,11 @@ class _Halted(Exception):
     """Raised between phases when a stop was asked for (the engine raises CancelledError inside)."""
 
 
-@dataclass
-class StopFlags:
-    """Why a run should stop; `stop` is the Event the engine's `should_cancel` reads."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    cancel_requested: bool = False
-    shutdown: bool = False
-    lost: bool = False
-    reason: str = ""
-
-    def halt(self, reason: str, *, cancel: bool = False, shutdown: bool = False, lost: bool = False) -> None:
-        self.cancel_requested |= cancel
-        self.shutdown |= shutdown
-        self.lost |= lost
-        self.reason = self.reason or reason
-        self.stop.set()
-
-
-@dataclass
-class JobRun:
-    """One attempt at one job, as this worker holds it."""
-
-    job_id: str
-    worker_id: str
-    attempt: int
-    max_attempts: int
-    spec: dict[str, Any]
-    input_keys: dict[str, tuple[str, str] | None]  # role -> (storage key, original file name)
-    settings: WorkerSettings
-    session_factory: sessionmaker[Session]
-    flags: StopFlags = field(default_factory=StopFlags)
-
-    @cached_property
-    def storage(self) -> Storage:
-        # Made on first use, inside the run: a store that cannot be reached is then an
-        # infrastructure failure of this attempt, recorded on the job, not a crashed task.
-        return Storage.from_settings(self.settings)
-
-    @property
-    def checkpoint_key(self) -> str:
-        return checkpoint_prefix(self.job_id) + CHECKPOINT_NAME
-
-    @property
-    def artifact_prefix(self) -> str:
-        # Per attempt, so two runs of one job never write the same object; the rows say which is current.
-        return f"jobs/{self.job_id}/artifacts/attempt-{self.attempt}/"
-
-    def write(self, change: Callable[[Session], bool | None], *, what: str) -> bool:
-        """One short transaction from this run; False (and the run halts) when the job is no longer ours.
-
-        A database hiccup here is logged and skipped: progress is rewritten soon, and the
-        heartbeat is what decides whether the job is still held.
-        """
-        if self.flags.lost:
-            return False
-        try:
-            with session_scope(self.session_factory) as session:
-                held = change(session)
-        except SQLAlchemyError as exc:
-            logger.warning("could not write %s: %s", what, exc)
-            return True
-        if held is False:
-            self.flags.halt("the job's lease went to another worker", lost=True)
-            logger.warning("job %s is no longer held by this worker; stopping without writing more", self.job_id)
-            return False
-        return True
-
-    def event(self, kind: str, data: dict[str, Any]) -> None:
-        self.write(lambda session: state.append_event(session, self.job_id, kind, data), what=f"a {kind} event")
-
-
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run(job_id: str, settings: WorkerSettings, *, worker_id: str | None = None) -> Outcome:
+def run(job_id: str, settings: Settings, *, worker_id: str | None = None) -> Outcome:
     """Claim and run one job. Never raises for the job's own failures: they are recorded on its row."""
     engine = create_db_engine(settings.database_url)
     try:
@@ -169,7 +79,7 @@ def run(job_id: str, settings: WorkerSettings, *, worker_id: str | None = None) 
 
 
 def _claim_and_run(
-    job_id: str, settings: WorkerSettings, session_factory: sessionmaker[Session], worker_id: str
+    job_id: str, settings: Settings, session_factory: sessionmaker[Session], worker_id: str
 ) -> Outcome:
     with session_scope(session_factory) as session:
         claimed = state.claim(session, job_id, worker_id, lease_seconds=settings.lease_seconds)
@@ -200,7 +110,7 @@ def _claim_and_run(
         heartbeat = Heartbeat(job_run)
         heartbeat.start()
         try:
-            with _stop_on_sigterm(job_run.flags):
+            with stop_on_sigterm(job_run.flags):
                 outcome = _attempt(job_run)
         finally:
             heartbeat.stop()
@@ -304,75 +214,6 @@ def _download_checkpoint(job_run: JobRun, path: Path) -> bool:
         return False
     logger.info("found the checkpoint of an earlier attempt (%d bytes)", path.stat().st_size)
     return True
-
-
-class JobCallbacks(Callbacks):
-    """The engine's window onto the job's row: progress (throttled), events, checkpoints, cancel."""
-
-    def __init__(self, job_run: JobRun) -> None:
-        self.job_run = job_run
-        self.stop = job_run.flags.stop
-        self.min_interval = job_run.settings.progress_write_seconds
-        self.last_write = 0.0
-        self.written_stage: str | None = None
-
-    # Called before every optimiser step: an Event read, nothing more.
-    def should_cancel(self) -> bool:
-        return self.stop.is_set()
-
-    def on_stage_start(self, stage: str, epochs: int) -> None:
-        self.written_stage = stage
-        self.job_run.write(self._record(stage=stage), what="the stage")
-
-    def on_progress(self, progress: Progress) -> None:
-        now = time.monotonic()
-        if progress.stage == self.written_stage and now - self.last_write < self.min_interval:
-            return
-        self._write_progress(progress, None)
-
-    def on_epoch_end(self, progress: Progress) -> None:
-        training = {"stage": progress.stage, "epoch": progress.epoch, "epochs": progress.epochs, **progress.metrics}
-        self._write_progress(progress, {"training": training})
-
-    def on_checkpoint(self, path: Path) -> None:
-        if self.job_run.flags.stop.is_set():
-            return  # a lost run must not overwrite the new holder's checkpoint
-        try:
-            self.job_run.storage.put_file(self.job_run.checkpoint_key, path)
-        except (OSError, StorageError) as exc:
-            logger.warning("could not store the checkpoint (the next epoch's will be tried): %s", exc)
-
-    def on_log(self, message: str) -> None:
-        logger.info("%s", message)
-        self.job_run.event("log", {"message": message})
-        resumed = _RESUME_MESSAGE.search(message)
-        if resumed:
-            self.job_run.event(
-                "resume",
-                {
-                    "stage": resumed["stage"],
-                    "epoch": int(resumed["epoch"]),
-                    "attempt": self.job_run.attempt,
-                    "message": message,
-                },
-            )
-
-    def _write_progress(self, progress: Progress, metrics: dict[str, Any] | None) -> None:
-        self.last_write = time.monotonic()
-        self.written_stage = progress.stage
-        values = {
-            "fraction": round(progress.fraction, 6),
-            "epoch": progress.epoch,
-            "epochs": progress.epochs,
-            "step": progress.step,
-            "steps": progress.steps,
-            "eta_s": None if progress.eta_s is None else round(progress.eta_s, 1),
-        }
-        self.job_run.write(self._record(stage=progress.stage, progress=values, metrics=metrics), what="progress")
-
-    def _record(self, **changes: Any) -> Callable[[Session], bool]:
-        job_run = self.job_run
-        return lambda session: state.record_progress(session, job_run.job_id, job_run.worker_id, **changes)
 
 
 # Endings ------------------------------------------------------------------------------------
@@ -498,90 +339,3 @@ def _forget_uploads(job_run: JobRun) -> None:
         job_run.storage.delete_prefix(job_run.artifact_prefix)
     except Exception as exc:  # orphans under the job's prefix; deleting the job removes them
         logger.warning("could not remove this attempt's uploads: %s", exc)
-
-
-# The heartbeat and the stop signal ----------------------------------------------------------
-
-
-class Heartbeat:
-    """Renews the lease every `heartbeat_seconds` and reads the cancel flag every `cancel_poll_seconds`."""
-
-    def __init__(self, job_run: JobRun) -> None:
-        self.job_run = job_run
-        self._stopped = threading.Event()
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(
-            target=context.run, args=(self._loop,), name=f"heartbeat-{job_run.job_id}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        settings, job_run, flags = self.job_run.settings, self.job_run, self.job_run.flags
-        poll = min(settings.cancel_poll_seconds, settings.heartbeat_seconds)
-        renewed_at = time.monotonic()  # the claim set the first lease
-        while not self._stopped.wait(poll):
-            now = time.monotonic()
-            try:
-                with session_scope(job_run.session_factory) as session:
-                    if now - renewed_at >= settings.heartbeat_seconds:
-                        if not state.renew_lease(
-                            session, job_run.job_id, job_run.worker_id, lease_seconds=settings.lease_seconds
-                        ):
-                            if not _finished_by(session, job_run):  # else the run has just finished it
-                                flags.halt("the job's lease went to another worker", lost=True)
-                                logger.warning("lost the lease of job %s; stopping at the next step", job_run.job_id)
-                            return
-                        renewed_at = now
-                    if not flags.cancel_requested and state.is_cancel_requested(session, job_run.job_id):
-                        logger.info("cancel requested; stopping at the next step")
-                        flags.halt("cancel requested", cancel=True)
-                if settings.stop_jobs_on_shutdown and worker_stopping() and not flags.shutdown:
-                    logger.info("the worker is shutting down; stopping at the next step")
-                    flags.halt("the worker was told to stop", shutdown=True)
-            except SQLAlchemyError as exc:
-                logger.warning("heartbeat failed: %s", exc)
-                if time.monotonic() - renewed_at > settings.lease_seconds:
-                    # Nobody can tell this worker still runs the job: the reaper may give it away.
-                    flags.halt("the lease could not be renewed in time", lost=True)
-                    return
-
-
-def _finished_by(session: Session, job_run: JobRun) -> bool:
-    row = session.execute(select(Job.state, Job.worker_id).where(Job.id == job_run.job_id)).one_or_none()
-    return row is not None and row[1] == job_run.worker_id and row[0] in FINISHED_STATES
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm(flags: StopFlags) -> Iterator[None]:
-    """SIGTERM (a shutdown, or Celery cancelling tasks on broker loss) stops the run at the next step.
-
-    In a prefork child the default would end the process mid-step; here the run checkpoints
-    nothing more, hands the job back and returns. Elsewhere (the solo pool, a plain call) the
-    signal is passed on to the previous handler once the job is handed back.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        flags.halt("the worker was told to stop", shutdown=True)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if received and not _is_pool_child_handler(previous):
-            signal.raise_signal(signal.SIGTERM)
-
-
-def _is_pool_child_handler(handler: Any) -> bool:
-    return getattr(handler, "__module__", "").startswith("billiard")

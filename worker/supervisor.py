@@ -8,7 +8,7 @@ the job resumes from its checkpoint when the service runs again. A worker that d
 again; if the API dies, the service stops. Children get SIGTERM if this process is killed, so
 none is left behind.
 
-The API process never imports torch; the worker's jobs use all cores but one (`worker.settings.
+The API process never imports torch; the worker's jobs use all cores but one (`worker.threads.
 job_threads`), which is left to the API and the worker's own bookkeeping.
 """
 
@@ -30,12 +30,12 @@ from typing import Annotated
 
 import typer
 
-from api.settings import Settings, get_settings
+from service.settings import Settings, get_settings
 from worker.process import die_with_parent
 
 logger = logging.getLogger("distillery.serve")
 
-API_MAIN = "from api.cli import app; app()"
+API_MAIN = "from distillery.cli import app; app()"
 WORKER_RESTART_DELAY_S = 2.0
 
 
@@ -52,11 +52,10 @@ class Child:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None, *, concurrency: int = 1) -> int:
     """Run the API and a worker until a stop signal; returns the exit code."""
-    from api.migrate import upgrade_to_head
+    from service.migrate import upgrade_to_head
     from worker.logs import configure_worker_logging
-    from worker.settings import worker_settings
 
-    settings = worker_settings(settings or get_settings())
+    settings = settings or get_settings()
     configure_worker_logging(settings.log_level, json_lines=settings.log_json)
     upgrade_to_head(settings)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 from celery.exceptions import Reject
 
-from worker.enqueue import TASK_NAME
+from service.queue import TASK_NAME
 from worker.process import worker_stopping
 
 
@@ -16,7 +16,7 @@ def run_job(job_id: str) -> str:
         # Delivered in the moment between the shutdown signal and the consumer's stop: back to
         # the queue for a worker that stays.
         raise Reject("this worker is shutting down", requeue=True)
+    from service.settings import get_settings
     from worker.runner import run
-    from worker.settings import get_worker_settings
 
-    return run(job_id, get_worker_settings()).value
+    return run(job_id, get_settings()).value

@@ -6,10 +6,10 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from api.deps import OwnedJob, SessionDep, StorageDep, release_connection
-from api.errors import not_found
 from api.routers import download_headers, errors
 from api.schemas import ArtifactList, ArtifactOut
-from api.services import artifacts
+from service import artifacts
+from service.errors import not_found
 
 router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
 

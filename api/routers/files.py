@@ -6,17 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentUser, OwnedFile, SessionDep, SettingsDep, StorageDep
-from api.errors import ApiError
-from api.ids import new_id
-from api.models import FilePurpose
 from api.routers import download_headers, errors
 from api.schemas import FileList, FileOut
-from api.services import files
-from api.storage import ObjectTooLargeError
-from api.uploads import MULTIPART_OVERHEAD, receive_upload
+from api.uploads import receive_file
+from service import files
+from service.models import FilePurpose
 
 router = APIRouter(prefix="/files", tags=["files"])
 
@@ -59,50 +55,9 @@ async def create_file(
     """Multipart `file` + `purpose`. Teachers: safetensors, ONNX, a state_dict (`torch.save`), and, where the
     operator allows, TorchScript / torch.export. Datasets: `.npz` (x_train, y_train[, x_test, y_test]) or
     an ImageFolder `.zip`. The file is checked cheaply on arrival; a bad one is a 422 and nothing is kept."""
-    used = await run_in_threadpool(files.used_bytes, session=session, owner_id=user.id)
-    room = settings.user_quota_bytes - used
-    limit = min(settings.max_upload_bytes, room)
-    declared = int(request.headers.get("content-length") or 0)
-    if room <= 0 or declared > room + MULTIPART_OVERHEAD:
-        raise files.quota_exceeded(settings)
-    if declared > settings.max_upload_bytes + MULTIPART_OVERHEAD:
-        raise files.file_too_large(settings)
-
-    file_id = new_id("file")
-    try:
-        upload = await receive_upload(request, storage=storage, key=files.file_key(user.id, file_id), max_bytes=limit)
-    except ObjectTooLargeError:
-        raise (
-            files.file_too_large(settings) if limit == settings.max_upload_bytes else files.quota_exceeded(settings)
-        ) from None
-    with upload.writer:  # discarded unless store_upload commits it
-        purpose = _purpose(upload.purpose)
-        info = await run_in_threadpool(files.sniff_upload, path=str(upload.writer.local_path), purpose=purpose)
-        row = await run_in_threadpool(
-            files.store_upload,
-            session=session,
-            settings=settings,
-            storage=storage,
-            owner_id=user.id,
-            file_id=file_id,
-            writer=upload.writer,
-            purpose=purpose,
-            name=files.clean_filename(upload.filename),
-            info=info,
-        )
+    row = await receive_file(request, owner_id=user.id, session=session, settings=settings, storage=storage)
     response.headers["Location"] = f"/v1/files/{row.id}"
     return FileOut.of(row)
-
-
-def _purpose(value: str | None) -> FilePurpose:
-    if value is None:
-        raise ApiError(422, "invalid_request", "the `purpose` field is missing: teacher or dataset", field="purpose")
-    try:
-        return FilePurpose(value.strip())
-    except ValueError:
-        raise ApiError(
-            422, "invalid_request", f"purpose must be teacher or dataset, not {value!r}", field="purpose"
-        ) from None
 
 
 @router.get("", response_model=FileList, summary="List your uploads, newest first", responses=errors(422))

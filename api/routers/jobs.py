@@ -10,15 +10,15 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.db import read_connection
 from api.deps import CurrentUser, JobId, OwnedJob, SessionDep, SettingsDep, StorageDep
-from api.errors import not_found
 from api.event_stream import follow_events
-from api.models import JobState
 from api.routers import errors
 from api.schemas import JobList, JobOut
-from api.services import events, jobs
 from kdcore.spec import JobSpec
+from service import events, jobs
+from service.db import read_connection
+from service.errors import not_found
+from service.models import JobState
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

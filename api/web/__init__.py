@@ -14,10 +14,10 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import PathLike, StaticFiles
 from starlette.types import Scope
 
-from api.settings import Settings
 from api.web import views
 from api.web.rendering import STATIC_DIR, render, secure
-from api.web.session import CSRF_HEADER, CsrfError, LoginRequiredError, SessionCodec, WebSettings, load_secret_key
+from api.web.session import CSRF_HEADER, CsrfError, LoginRequiredError, SessionCodec, load_secret_key
+from service.settings import Settings
 
 __all__ = ["mount_web"]
 
@@ -39,13 +39,9 @@ class _StaticFiles(StaticFiles):
 def mount_web(app: FastAPI) -> None:
     """Add the browser interface to `app` (call once, after the API's routers)."""
     settings: Settings = app.state.settings
-    web_settings = WebSettings()
-    app.state.web_settings = web_settings
-    app.state.web_session_codec = SessionCodec(
-        load_secret_key(web_settings, settings), web_settings.session_max_age_seconds
-    )
-    app.include_router(views.root_router)
-    app.include_router(views.router)
+    app.state.web_session_codec = SessionCodec(load_secret_key(settings), settings.web_session_max_age_seconds)
+    app.include_router(views.open_router)  # open: the home redirect, sign-in and sign-out
+    app.include_router(views.router)  # everything else: a signed-in session, checked at the router
     app.mount("/static", _StaticFiles(directory=STATIC_DIR), name="static")
     app.add_exception_handler(LoginRequiredError, _login_required)  # type: ignore[arg-type]
     app.add_exception_handler(CsrfError, _csrf_failed)  # type: ignore[arg-type]

@@ -24,15 +24,13 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep
-from api.models import ApiKey
-from api.services.users import Principal
-from api.settings import Settings
+from service.models import ApiKey
+from service.settings import Settings
+from service.users import Principal
 
 logger = logging.getLogger("distillery.web")
 
@@ -43,24 +41,10 @@ _SALT = "distillery.web.session"
 SECRET_FILE = "web-secret-key"  # noqa: S105 - a file name, not a secret
 
 
-class WebSettings(BaseSettings):
-    """The browser interface's own settings (`DISTILLERY_WEB_*`)."""
-
-    model_config = SettingsConfigDict(env_prefix="DISTILLERY_WEB_", extra="ignore")
-
-    secret_key: SecretStr | None = Field(
-        default=None,
-        description="Signs the session cookie. Unset: a random key kept in the data folder "
-        "(set it when several API processes on different hosts serve one site).",
-    )
-    session_max_age_seconds: int = Field(default=7 * 24 * 3600, ge=60, description="A sign-in lasts this long.")
-    jobs_page_size: int = Field(default=20, ge=1, le=200, description="Jobs per page in the jobs list.")
-
-
-def load_secret_key(web: WebSettings, settings: Settings) -> str:
+def load_secret_key(settings: Settings) -> str:
     """The configured key, else one generated once and kept (mode 0600) in the data folder."""
-    if web.secret_key is not None:
-        return web.secret_key.get_secret_value()
+    if settings.web_secret_key is not None:
+        return settings.web_secret_key.get_secret_value()
     path = Path(settings.data_dir) / SECRET_FILE
     try:
         return path.read_text().strip()

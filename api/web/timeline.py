@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.models import JobEvent
-from api.services import events
+from service import events
+from service.models import JobEvent, JobState
 
 STAGE_LABELS = {
     "check": "Checking the inputs",
@@ -93,19 +93,19 @@ class Timeline:
 
 def _describe_state(data: dict[str, Any]) -> tuple[str, str]:
     state = str(data.get("state"))
-    if state == "queued":
+    if state == JobState.QUEUED:
         if data.get("reason") == "lease_expired":
             return "Back in the queue: the worker stopped answering", "warning"
         return "Queued", "info"
-    if state == "running":
+    if state == JobState.RUNNING:
         attempt = data.get("attempt")
         return (f"Running (attempt {attempt})" if attempt and attempt > 1 else "Running"), "info"
-    if state == "succeeded":
+    if state == JobState.SUCCEEDED:
         return "Succeeded", "success"
-    if state == "failed":
+    if state == JobState.FAILED:
         error = data.get("error") or {}
         return f"Failed [{error.get('code', 'error')}]: {error.get('message') or ''}".rstrip(": "), "error"
-    if state == "cancelled":
+    if state == JobState.CANCELLED:
         reason = str(data.get("reason") or "").removeprefix("cancelled: ")
         return (f"Cancelled ({reason})" if reason else "Cancelled"), "warning"
     return state.capitalize(), "info"

@@ -1,6 +1,6 @@
 """The browser interface's pages and the few endpoints their scripts call.
 
-Thin views over the same service functions the /v1 routes use (`api.services.jobs`, `files`,
+Thin views over the same service functions the /v1 routes use (`service.jobs`, `files`,
 `artifacts`, `events`, `users.authenticate`); uploads go through the API's own upload view, so
 quotas, limits and file checks are the API's exactly. Every route here needs a signed-in
 session (`WebUser`) except the sign-in form; every POST checks the session's CSRF token.
@@ -16,22 +16,17 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import yaml
-from fastapi import APIRouter, Form, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Form, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StorageDep, release_connection
-from api.errors import ApiError
 from api.event_stream import follow_events
-from api.models import FilePurpose, Job, JobState
 from api.routers import download_headers
-from api.routers import files as files_api
 from api.schemas import ArtifactOut, FileOut, JobOut
-from api.security import parse_key
-from api.services import artifacts, events, files, jobs, users
-from api.services.users import Principal
+from api.uploads import receive_file
 from api.web import report
 from api.web.forms import FILE_FIELDS, FormValues, SpecForm, spec_form
 from api.web.rendering import render, secure
@@ -39,16 +34,24 @@ from api.web.session import (
     CsrfForm,
     CsrfHeader,
     OptionalWebUser,
-    WebSettings,
     WebUser,
     clear_session,
     start_session,
+    web_user,
 )
 from api.web.timeline import STAGE_LABELS, Timeline, load_timeline, stage_before, stage_label
 from kdcore.spec import JobSpec
+from service import artifacts, events, files, jobs, users
+from service.errors import ServiceError
+from service.models import ACTIVE_STATES, FINISHED_STATES, FilePurpose, Job, JobState
+from service.security import parse_key
+from service.users import Principal
 
-root_router = APIRouter(include_in_schema=False)
-router = APIRouter(prefix="/web", include_in_schema=False)
+# Authenticated by default: every page under `router` needs a signed-in session, checked at the
+# router; a view takes `WebUser` only to read who it is (FastAPI resolves it once per request).
+# The few open pages (home, sign-in, sign-out) are on `open_router`, mounted apart.
+open_router = APIRouter(include_in_schema=False)
+router = APIRouter(prefix="/web", include_in_schema=False, dependencies=[Depends(web_user)])
 
 STATES = [state.value for state in JobState]
 UPLOAD_CHOICES = 50
@@ -75,11 +78,6 @@ def _is_htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
 
 
-def _web_settings(request: Request) -> WebSettings:
-    web_settings: WebSettings = request.app.state.web_settings
-    return web_settings
-
-
 def _owned_job(session: Session, user: Principal, job_id: str) -> Job:
     job = jobs.get_job(session=session, owner_id=user.id, job_id=job_id) if len(job_id) <= 64 else None
     session.commit()  # end the read transaction; the row stays loaded
@@ -91,20 +89,20 @@ def _owned_job(session: Session, user: Principal, job_id: str) -> Job:
 # ------------------------------------------------------------------------------------ sign-in
 
 
-@root_router.get("/")
-@root_router.get("/web")
+@open_router.get("/")
+@open_router.get("/web")
 async def home(user: OptionalWebUser) -> RedirectResponse:
     return _redirect("/web/jobs" if user else "/web/login")
 
 
-@router.get("/login", response_class=HTMLResponse)
+@open_router.get("/web/login", response_class=HTMLResponse)
 async def login_page(request: Request, user: OptionalWebUser, next: str | None = None) -> Response:
     if user is not None:
         return _redirect(_safe_next(next))
     return render(request, "login.html", {"next": _safe_next(next), "error": None})
 
 
-@router.post("/login", response_class=HTMLResponse, dependencies=[CsrfForm])
+@open_router.post("/web/login", response_class=HTMLResponse, dependencies=[CsrfForm])
 async def login(
     request: Request,
     session: SessionDep,
@@ -114,7 +112,7 @@ async def login(
     key = api_key.strip()
     try:
         principal = await run_in_threadpool(users.authenticate, session=session, plaintext=key)
-    except ApiError as exc:
+    except ServiceError as exc:
         message = exc.message if exc.status == 403 else "That API key is not valid. Check it and try again."
         # 200, not 401: the browser shows the page either way, but would log an error for a 4xx document.
         return render(request, "login.html", {"next": _safe_next(next), "error": message})
@@ -123,7 +121,7 @@ async def login(
     return response
 
 
-@router.post("/logout", dependencies=[CsrfForm])
+@open_router.post("/web/logout", dependencies=[CsrfForm])
 async def logout(request: Request) -> RedirectResponse:
     response = _redirect("/web/login")
     clear_session(request, response)
@@ -145,11 +143,12 @@ def jobs_page(
     request: Request,
     user: WebUser,
     session: SessionDep,
+    settings: SettingsDep,
     state: Annotated[str | None, Query(max_length=20)] = None,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     chosen = JobState(state) if state in STATES else None
-    items, next_cursor = _list_jobs(session, user, chosen, cursor or None, _web_settings(request).jobs_page_size)
+    items, next_cursor = _list_jobs(session, user, chosen, cursor or None, settings.web_jobs_page_size)
     query = urlencode({k: v for k, v in {"state": chosen.value if chosen else None, "cursor": cursor}.items() if v})
     context = {
         "user": user,
@@ -158,7 +157,7 @@ def jobs_page(
         "states": STATES,
         "cursor": cursor or "",
         "next_cursor": next_cursor,
-        "live": any(job.state in ("queued", "running") for job in items),
+        "live": any(job.state in ACTIVE_STATES for job in items),
         "page_url": f"/web/jobs?{query}" if query else "/web/jobs",
     }
     template = "_jobs_table.html" if _is_htmx(request) and request.headers.get("hx-target") == "jobs-table" else (
@@ -244,7 +243,7 @@ async def create_job(request: Request, user: WebUser, session: SessionDep, setti
                                        general=checked.general, source_job=source_job)
     try:
         job = await run_in_threadpool(_submit, session, settings, user, checked.spec, idempotency_key)
-    except ApiError as exc:
+    except ServiceError as exc:
         session.rollback()
         errors: dict[str, list[str]] = {}
         general: list[str] = []
@@ -301,8 +300,10 @@ async def upload_file(
     settings: SettingsDep,
     storage: StorageDep,
 ) -> FileOut:
-    """The API's own upload (`POST /v1/files`), authenticated by the browser session instead of a bearer key."""
-    return await files_api.create_file(request, response, user, session, settings, storage)
+    """The API's own upload path (`POST /v1/files`), authenticated by the browser session instead of a bearer key."""
+    row = await receive_file(request, owner_id=user.id, session=session, settings=settings, storage=storage)
+    response.headers["Location"] = f"/v1/files/{row.id}"
+    return FileOut.of(row)
 
 
 # --------------------------------------------------------------------------------------- one job
@@ -318,10 +319,10 @@ def _job_context(session: Session, user: Principal, job: Job) -> dict[str, Any]:
         "job": out,
         "timeline": timeline,
         "curves": timeline.points,
-        "comparison": report.comparison(out.metrics) if out.state == "succeeded" else None,
+        "comparison": report.comparison(out.metrics) if out.state == JobState.SUCCEEDED else None,
         "artifacts": [ArtifactOut.of(row) for row in rows],
         "spec_yaml": yaml.safe_dump(out.spec, sort_keys=False, allow_unicode=True),
-        "finished": out.state in ("succeeded", "failed", "cancelled"),
+        "finished": out.state in FINISHED_STATES,
         "stage_labels": STAGE_LABELS,
     }
 
@@ -345,13 +346,13 @@ def cancel_job(request: Request, job_id: str, user: WebUser, session: SessionDep
     message = None
     try:
         job = jobs.cancel_job(session=session, storage=storage, job=job)
-    except ApiError as exc:
+    except ServiceError as exc:
         session.rollback()
         message = exc.message
     if not _is_htmx(request):
         return _redirect(f"/web/jobs/{job.id}")
     return render(request, "_job_actions.html", {"user": user, "job": JobOut.of(job), "action_error": message,
-                                                 "finished": job.state in ("succeeded", "failed", "cancelled")})
+                                                 "finished": job.state in FINISHED_STATES})
 
 
 @router.post("/jobs/{job_id}/delete", response_class=HTMLResponse, dependencies=[CsrfForm])
@@ -359,7 +360,7 @@ def delete_job(request: Request, job_id: str, user: WebUser, session: SessionDep
     job = _owned_job(session, user, job_id)
     try:
         jobs.delete_job(session=session, storage=storage, job=job)
-    except ApiError as exc:
+    except ServiceError as exc:
         session.rollback()
         return render(request, "error.html", {"user": user, "title": "Cannot delete this job",
                                               "message": exc.message}, status_code=exc.status)
@@ -432,4 +433,4 @@ async def _page_events(session_factory: sessionmaker[Session], job_id: str, afte
         yield event
 
 
-__all__ = ["PageNotFoundError", "root_router", "router"]
+__all__ = ["PageNotFoundError", "open_router", "router"]

@@ -19,12 +19,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import create_db_engine
 from api.main import create_app
-from api.migrate import upgrade_to_head
-from api.models import User
-from api.settings import Settings
-from api.storage import Storage
+from service.db import create_db_engine
+from service.migrate import upgrade_to_head
+from service.models import User
+from service.settings import Settings
+from service.storage import Storage
 from tests.api import factories
 from tests.support import postgres_database
 

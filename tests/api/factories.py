@@ -11,12 +11,11 @@ import numpy as np
 from safetensors.numpy import save as save_safetensors
 from sqlalchemy.orm import Session
 
-from api.ids import new_id
-from api.jobs import state
-from api.models import File, FilePurpose, Job, JobFile, JobState, User, utcnow
-from api.services import artifacts, users
-from api.services.files import file_key
-from api.storage import Storage
+from service import artifacts, keys, state, users
+from service.ids import new_id
+from service.keys import upload_key
+from service.models import File, FilePurpose, Job, JobFile, JobState, User, utcnow
+from service.storage import Storage
 
 
 def make_user(session: Session, name: str | None = None) -> tuple[User, str]:
@@ -74,7 +73,7 @@ def make_file(
     name: str | None = None,
 ) -> File:
     file_id = new_id("file")
-    stored = storage.put_bytes(file_key(owner.id, file_id), content)
+    stored = storage.put_bytes(upload_key(owner.id, file_id), content)
     default_info = TEACHER_INFO if purpose == FilePurpose.TEACHER else DATASET_INFO
     row = File(
         id=file_id,
@@ -156,7 +155,7 @@ def make_job(
 def make_artifact(
     session: Session, storage: Storage, job: Job, name: str = "student.onnx", content: bytes = b"onnx-bytes" * 100
 ) -> Any:
-    stored = storage.put_bytes(artifacts.artifact_key(job.id, name), content)
+    stored = storage.put_bytes(keys.artifact_key(job.id, max(job.attempts, 1), name), content)
     artifact = artifacts.record_artifact(session=session, job_id=job.id, name=name, stored=stored)
     session.commit()
     return artifact

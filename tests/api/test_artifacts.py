@@ -8,8 +8,8 @@ import hashlib
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from api.models import JobState
-from api.storage import Storage
+from service.models import JobState
+from service.storage import Storage
 from tests.api import factories
 from tests.api.conftest import Account
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from api.models import ApiKey, User, utcnow
-from api.security import generate_key, parse_key
-from api.services import users
+from service import users
+from service.models import ApiKey, User, utcnow
+from service.security import generate_key, parse_key
 from tests.api.conftest import Account
 
 

@@ -16,7 +16,7 @@ import pytest
 from tests.api import factories
 from tests.support import free_port
 
-DISTILLERY = [sys.executable, "-c", "from api.cli import app; app()"]
+DISTILLERY = [sys.executable, "-c", "from distillery.cli import app; app()"]
 
 
 def _env(data_dir: Path) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""worker.enqueue sends `distillery.run_job(job_id)` through real brokers: the embedded one and Redis."""
+"""service.queue sends `distillery.run_job(job_id)` through real brokers: the embedded one and Redis."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from api.settings import Settings
-from worker.enqueue import TASK_NAME, enqueue_job
+from service.queue import TASK_NAME, enqueue_job
+from service.settings import Settings
 
 
 def _received(broker_url: str, queue: str) -> list[tuple[str, list[str]]]:
@@ -65,10 +65,10 @@ def test_enqueue_job_broker_down_raises_fast(tmp_path: Path) -> None:
 def test_import_api_never_imports_torch() -> None:
     code = (
         "import sys\n"
-        "import api.main, api.cli, api.jobs.state, api.storage, worker.enqueue\n"
+        "import api.main, distillery.cli, service.state, service.storage, service.queue\n"
         "import kdcore.teacher_sniff, kdcore.data_sniff\n"  # the upload checks the API calls
         "from api.main import create_app\n"
-        "from api.settings import Settings\n"
+        "from service.settings import Settings\n"
         "import tempfile; create_app(Settings(data_dir=tempfile.mkdtemp()))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from api.jobs import state
-from api.models import JobState
-from api.settings import Settings
-from api.storage import Storage
+from service import state
+from service.models import JobState
+from service.settings import Settings
+from service.storage import Storage
 from tests.api import factories
 from tests.api.conftest import Account, Db
 from tests.api.test_jobs import _events

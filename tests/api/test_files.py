@@ -8,9 +8,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.models import File, FilePurpose, JobState
-from api.settings import Settings
-from api.storage import Storage
+from service.models import File, FilePurpose, JobState
+from service.settings import Settings
+from service.storage import Storage
 from tests.api import factories
 from tests.api.conftest import Account
 

@@ -11,11 +11,11 @@ from kombu import Connection
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.jobs import state
-from api.models import File, FilePurpose, Job, JobState, User
-from api.services.artifacts import checkpoint_prefix
-from api.settings import Settings
-from api.storage import Storage
+from service import state
+from service.keys import checkpoint_prefix
+from service.models import File, FilePurpose, Job, JobState, User
+from service.settings import Settings
+from service.storage import Storage
 from tests.api import factories
 from tests.api.conftest import Account
 

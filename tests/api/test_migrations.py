@@ -10,10 +10,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from api.db import create_db_engine
-from api.migrate import downgrade_to_base, upgrade_to_head
-from api.models import Base
-from api.settings import Settings
+from service.db import create_db_engine
+from service.migrate import downgrade_to_base, upgrade_to_head
+from service.models import Base
+from service.settings import Settings
 from tests.support import PG_ADMIN_URL
 
 TABLES = {"user", "api_key", "file", "job", "job_file", "artifact", "job_event"}

@@ -10,10 +10,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from api.models import JobState
-from api.observability import JsonFormatter
-from api.settings import Settings
-from api.storage import Storage
+from service.logs import JsonFormatter
+from service.models import JobState
+from service.settings import Settings
+from service.storage import Storage
 from tests.api import factories
 from tests.api.conftest import Account
 

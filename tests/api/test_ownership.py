@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from api.models import File, Job, JobState
-from api.storage import Storage
+from service.models import File, Job, JobState
+from service.storage import Storage
 from tests.api import factories
 from tests.api.conftest import Account
 

@@ -10,13 +10,13 @@ import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 
-from api.db import create_db_engine, create_session_factory
 from api.main import create_app
-from api.migrate import upgrade_to_head
-from api.models import FilePurpose, JobState
-from api.services import users
-from api.settings import Settings
-from api.storage import Storage
+from service import users
+from service.db import create_db_engine, create_session_factory
+from service.migrate import upgrade_to_head
+from service.models import FilePurpose, JobState
+from service.settings import Settings
+from service.storage import Storage
 from tests.api import factories
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from api.settings import Settings
+from service.settings import Settings
 
 
 def test_settings_defaults_live_in_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,10 +8,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.jobs import state
-from api.jobs.state import IllegalTransitionError
-from api.models import Job, JobEvent, JobState, utcnow
-from api.storage import Storage
+from service import state
+from service.models import Job, JobEvent, JobState, utcnow
+from service.state import IllegalTransitionError
+from service.storage import Storage
 from tests.api import factories
 from tests.api.conftest import Db
 

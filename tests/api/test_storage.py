@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from api.storage import ObjectTooLargeError, Storage, StorageError
+from service.storage import ObjectTooLargeError, Storage, StorageError
 
 
 @pytest.fixture(params=["file", "memory"])

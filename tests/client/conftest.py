@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from api.client import Client
+from client import Client
 from tests.support import free_port
 
 DISTILLERY = shlex.split(os.environ.get("DISTILLERY_CLI", "")) or [str(Path(sys.executable).with_name("distillery"))]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from api.client import (
+from client import (
     AuthError,
     ChecksumError,
     Client,

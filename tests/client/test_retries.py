@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from api.client import Client, ConnectionError, Job, NotFound
+from client import Client, ConnectionError, Job, NotFound
 from tests.client.conftest import JobFiles, Server, Service
 
 pytestmark = pytest.mark.slow

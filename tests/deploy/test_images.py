@@ -1,5 +1,10 @@
-"""The API image installs without torch: its requirement list matches pyproject.toml minus the
-training stack, and the API starts and checks uploads with that stack blocked from import."""
+"""The images install the wheel with their extras, and the API's extra leaves the training stack out.
+
+The API image is `distillery[server]`, the worker image `distillery[worker]`, both as regular
+(non-editable) wheels; tests/deploy/test_packaging.py installs the same wheel into fresh virtual
+environments. Here: the Dockerfile says so, pyproject's extras keep the training stack out of the
+server's, and the API starts and checks uploads with that stack blocked from import.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +16,60 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-API_REQUIREMENTS = ROOT / "docker" / "requirements-api.txt"
+DOCKERFILE = ROOT / "Dockerfile"
 # Only workers (and `distillery distill`) need these.
 TRAINING_STACK = {"torch", "torchvision", "onnxruntime", "onnxscript", "matplotlib", "tensorboard", "safetensors",
                   "tqdm"}
-# In the image but not (yet) in pyproject.toml: S3 storage through fsspec.
-IMAGE_EXTRAS = {"s3fs"}
+SERVER_ONLY = {"fastapi", "uvicorn", "sqlalchemy", "celery", "alembic"}
 
 
 def _name(requirement: str) -> str:
     return re.split(r"[\[<>=!~; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def test_api_requirements_are_pyprojects_minus_the_training_stack() -> None:
-    declared = {_name(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
-    lines = API_REQUIREMENTS.read_text().splitlines()
-    listed = {_name(line) for line in lines if line.strip() and not line.startswith("#")}
-    assert listed - IMAGE_EXTRAS == declared - TRAINING_STACK, (
-        "docker/requirements-api.txt and pyproject.toml disagree: add a new dependency to both "
-        "(or to TRAINING_STACK here if only workers need it)"
-    )
+def _requirements(extra: str | None) -> set[str]:
+    """The names an install of `distillery[extra]` asks for, with the extras it names expanded."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {_name(r) for r in project["dependencies"]}
+    pending, seen = [extra] if extra else [], set()
+    while pending:
+        current = pending.pop()
+        seen.add(current)
+        for requirement in project["optional-dependencies"][current]:
+            if (own := re.fullmatch(r"distillery\[([a-z,]+)\]", requirement)) is not None:
+                pending += [e for e in own[1].split(",") if e not in seen]
+            else:
+                names.add(_name(requirement))
+    return names
+
+
+def _stage(name: str) -> str:
+    text = DOCKERFILE.read_text()
+    start = re.search(rf"^FROM \S+ AS {name}$", text, re.MULTILINE)
+    assert start is not None, f"the Dockerfile has no {name} stage"
+    end = re.search(r"^FROM ", text[start.end():], re.MULTILINE)
+    return text[start.end(): start.end() + end.start()] if end else text[start.end():]
+
+
+def test_the_images_install_the_wheel_with_their_extra() -> None:
+    assert "pip wheel --no-deps" in _stage("wheel")
+    for stage, extra in (("api", "server"), ("worker", "worker")):
+        text = _stage(stage)
+        assert f".whl)[{extra}]" in text, f"the {stage} image should install distillery[{extra}] from the wheel"
+        assert not re.search(r"pip install[^\n]*\s-e\s", text), f"the {stage} image installs an editable checkout"
+        assert "requirements" not in text
+    assert not (ROOT / "docker" / "requirements-api.txt").exists()
+
+
+def test_the_extras_keep_each_install_to_what_it_runs() -> None:
+    client = _requirements(None)
+    assert client & (TRAINING_STACK | SERVER_ONLY) == set(), "the plain install must be the client alone"
+    assert len(client) <= 8
+    server = _requirements("server")
+    assert server & TRAINING_STACK == set(), "the API's extra pulls in the training stack"
+    assert {"fastapi", "sqlalchemy", "alembic", "celery"} <= server
+    assert {"torch", "celery", "sqlalchemy"} <= _requirements("worker")
+    assert _requirements("all") >= server | _requirements("worker")
 
 
 def test_api_starts_and_sniffs_uploads_without_the_training_stack(tmp_path: Path) -> None:
@@ -44,8 +83,8 @@ def test_api_starts_and_sniffs_uploads_without_the_training_stack(tmp_path: Path
         import numpy as np
         from fastapi.testclient import TestClient
         from api.main import create_app
-        from api.migrate import upgrade_to_head
-        from api.settings import get_settings
+        from service.migrate import upgrade_to_head
+        from service.settings import get_settings
         from kdcore.data_sniff import sniff_dataset
         upgrade_to_head(get_settings())
         client = TestClient(create_app())

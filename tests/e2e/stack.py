@@ -1,7 +1,7 @@
 """A real service for end-to-end tests: `distillery api` and `distillery worker` processes (or
 `distillery serve`) on real databases and brokers, driven over HTTP like a user would.
 
-The commands run as `python -c "from api.cli import app; app()" ...`, which is what the
+The commands run as `python -c "from distillery.cli import app; app()" ...`, which is what the
 `distillery` script does, with this interpreter (so no installed entry point is needed)."""
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any
 
 import httpx
 
-from api.db import create_db_engine, create_session_factory
-from api.ids import new_id
-from api.migrate import upgrade_to_head
-from api.services import users
+from service import users
+from service.db import create_db_engine, create_session_factory
+from service.ids import new_id
+from service.migrate import upgrade_to_head
+from service.settings import Settings
 from tests.support import free_port
 from tests.worker.support import FAST_SERVICE_ENV
 from worker.process import die_with_parent
-from worker.settings import WorkerSettings
 from worker.supervisor import API_MAIN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ class Stack:
                 self.env.pop(name, None)
             else:
                 self.env[name] = value
-        self.settings = WorkerSettings(data_dir=root, database_url=database_url or "", broker_url=broker_url or "")
+        self.settings = Settings(data_dir=root, database_url=database_url or "", broker_url=broker_url or "")
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.port: int | None = None
         self._client: httpx.Client | None = None

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from api.db import create_db_engine, create_session_factory
-from api.models import File
+from service.db import create_db_engine, create_session_factory
+from service.models import File
+from service.queue import enqueue_job
 from tests.e2e.stack import Stack, wait_until
 from tests.worker.support import JobFiles, claimed_accuracy, onnx_accuracy, torchscript_accuracy
-from worker.enqueue import enqueue_job
 
 RECOVERY_LIMIT_S = 120
 
@@ -36,7 +36,7 @@ def _worker_running(stack: Stack, job: dict[str, Any]) -> str:
 
 
 def _worker_id(stack: Stack, job_id: str) -> str:
-    from api.models import Job
+    from service.models import Job
 
     engine = create_db_engine(stack.settings.database_url)
     try:

@@ -1,9 +1,8 @@
 """Fixtures for the browser interface's tests.
 
-* In-process: the real app (`create_app` + `mount_web`) on a migrated SQLite file, driven by
-  Starlette's TestClient: sign-in, sessions, CSRF, rendering of every page.
-* End to end: a real service in a subprocess (`distillery serve` once `create_app` mounts the web
-  interface; until then `tests.web.server` beside a `distillery worker`), driven by Debian's
+* In-process: the real app (`create_app`, which mounts the web pages) on a migrated SQLite file,
+  driven by Starlette's TestClient: sign-in, sessions, CSRF, rendering of every page.
+* End to end: a real service in a subprocess (`distillery serve`), driven by Debian's
   Chromium through Playwright. Screenshots go to `test-artifacts/screenshots/`.
 """
 
@@ -27,13 +26,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import create_db_engine
 from api.main import create_app
-from api.migrate import upgrade_to_head
-from api.models import User
-from api.settings import Settings
-from api.storage import Storage
-from api.web import mount_web
+from service.db import create_db_engine
+from service.migrate import upgrade_to_head
+from service.models import User
+from service.settings import Settings
+from service.storage import Storage
 from tests.api import factories
 from tests.support import free_port
 
@@ -48,7 +46,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-sync",
 ]
-DISTILLERY = [sys.executable, "-c", "from api.cli import app; app()"]
+DISTILLERY = [sys.executable, "-c", "from distillery.cli import app; app()"]
 # Fast leases, progress written twice a second, one torch thread: the job is small and the machine shared.
 SERVICE_ENV = {
     "DISTILLERY_ENVIRONMENT": "test",
@@ -102,8 +100,6 @@ def web(tmp_path: Path, web_sqlite_template: Path) -> Iterator[WebApp]:
     session_factory = sessionmaker(bind=engine, expire_on_commit=False)
     storage = Storage(settings.storage_url)
     app = create_app(settings, session_factory=session_factory, storage=storage)
-    if not any(getattr(route, "path", None) == "/web/login" for route in app.routes):
-        mount_web(app)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield WebApp(app, client, settings, session_factory, storage)
     engine.dispose()
@@ -143,17 +139,11 @@ def sign_in(client: TestClient, key: str) -> str:
 
 
 
-def web_is_wired() -> bool:
-    """True once `api.main.create_app` mounts the browser interface (then `distillery serve` serves it)."""
-    return "mount_web" in (REPO / "api" / "main.py").read_text()
-
-
 @dataclass
 class Service:
     base_url: str
     api_key: str
     data_dir: Path
-    launcher: str
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def api(self) -> httpx.Client:
@@ -190,15 +180,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator
     assert created.returncode == 0, created.stderr
     key = created.stdout.split()[-1]
     port = free_port()
-    launcher = os.environ.get("DISTILLERY_WEB_TEST_LAUNCHER") or ("serve" if web_is_wired() else "standalone")
-    if launcher == "serve":
-        commands = {"serve": [*DISTILLERY, "serve", "--port", str(port)]}
-    else:
-        commands = {
-            "api": [sys.executable, "-m", "tests.web.server", "--port", str(port)],
-            "worker": [sys.executable, "-m", "worker.cli", "--queue", "default", "--queue", "cpu"],
-        }
-    service = Service(f"http://127.0.0.1:{port}", key, data_dir, launcher)
+    commands = {"serve": [*DISTILLERY, "serve", "--port", str(port)]}
+    service = Service(f"http://127.0.0.1:{port}", key, data_dir)
     logs = []
     try:
         for name, command in commands.items():

@@ -6,11 +6,12 @@ import hashlib
 import io
 import json
 import re
+from typing import Any
 
-from api.jobs import state
-from api.models import FilePurpose, Job, JobState
-from api.services.artifacts import record_artifact
-from api.services.users import get_user_by_name, revoke_key
+from service import state
+from service.artifacts import record_artifact
+from service.models import FilePurpose, Job, JobState
+from service.users import get_user_by_name, revoke_key
 from tests.api import factories
 from tests.web.conftest import WebApp, csrf_from, make_person, sign_in
 
@@ -99,6 +100,34 @@ def test_pages_redirect_to_sign_in(web: WebApp) -> None:
     assert response.headers["location"] == "/web/login?next=/web/jobs%3Fstate%3Drunning"
     assert web.client.get("/", follow_redirects=False).headers["location"] == "/web/login"
     assert web.client.post("/web/files", headers={"X-CSRF-Token": "x"}).status_code in (401, 403)
+
+
+OPEN_PAGES = {("GET", "/"), ("GET", "/web"), ("GET", "/web/login"), ("POST", "/web/login"), ("POST", "/web/logout")}
+
+
+def test_every_page_but_the_open_ones_needs_a_session(web: WebApp) -> None:
+    from fastapi.routing import APIRoute
+
+    from api.web import views
+
+    def pages(router: Any) -> set[tuple[str, str]]:
+        return {(method, route.path) for route in router.routes if isinstance(route, APIRoute)
+                for method in route.methods}
+
+    assert pages(views.open_router) == OPEN_PAGES
+    guarded = pages(views.router)
+    assert guarded & OPEN_PAGES == set()
+    assert len(guarded) >= 10
+    for method, path in sorted(guarded):
+        url = re.sub(r"\{[^}]+\}", "job_x", path)
+        response = web.client.request(method, url, headers={"X-CSRF-Token": "x"} if method == "POST" else {},
+                                      follow_redirects=False)
+        # A page redirects to the sign-in form; what scripts call (posts, streams) gets a 401.
+        assert response.status_code in (303, 401), (method, path)
+        if response.status_code == 303:
+            assert method == "GET" and response.headers["location"].startswith("/web/login?next="), (method, path)
+        else:
+            assert response.json()["error"]["code"] == "unauthenticated", (method, path)
 
 
 def test_sign_in_with_a_bad_key_says_so(web: WebApp) -> None:

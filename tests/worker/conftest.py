@@ -12,18 +12,19 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import create_db_engine, create_session_factory
-from api.ids import new_id
-from api.migrate import upgrade_to_head
-from api.models import File, FilePurpose, Job, JobEvent, User
-from api.services import users
-from api.services.files import file_key, sniff_upload
-from api.services.jobs import submit_job
-from api.storage import Storage
 from kdcore.spec import parse_spec
+from service import users
+from service.db import create_db_engine, create_session_factory
+from service.files import sniff_upload
+from service.ids import new_id
+from service.jobs import submit_job
+from service.keys import upload_key
+from service.migrate import upgrade_to_head
+from service.models import File, FilePurpose, Job, JobEvent, User
+from service.settings import Settings
+from service.storage import Storage
 from tests.support import postgres_database
 from tests.worker.support import FAST_SERVICE_ENV, JobFiles, make_job_files
-from worker.settings import WorkerSettings
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def job_files(tmp_path_factory: pytest.TempPathFactory) -> JobFiles:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     with postgres_database("worker") as url:
-        upgrade_to_head(WorkerSettings(database_url=url))
+        upgrade_to_head(Settings(database_url=url))
         yield url
 
 
@@ -42,7 +43,7 @@ def pg_url() -> Iterator[str]:
 class Service:
     """The worker's view of one service: settings, database, storage and a user with uploads."""
 
-    settings: WorkerSettings
+    settings: Settings
     engine: Engine
     session_factory: sessionmaker[Session]
     storage: Storage
@@ -77,7 +78,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, job_files: JobFiles)
         yield from _service_on(request.getfixturevalue("pg_url"), tmp_path, job_files)
     else:
         url = f"sqlite:///{tmp_path / 'distillery.db'}"
-        upgrade_to_head(WorkerSettings(database_url=url))
+        upgrade_to_head(Settings(database_url=url))
         yield from _service_on(url, tmp_path, job_files)
 
 
@@ -85,7 +86,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, job_files: JobFiles)
 def sqlite_service(tmp_path: Path, job_files: JobFiles) -> Iterator[Service]:
     """A service on its own SQLite file: nothing else's jobs in it (the reaper counts them all)."""
     url = f"sqlite:///{tmp_path / 'distillery.db'}"
-    upgrade_to_head(WorkerSettings(database_url=url))
+    upgrade_to_head(Settings(database_url=url))
     yield from _service_on(url, tmp_path, job_files)
 
 
@@ -108,17 +109,17 @@ def _service_on(database_url: str, tmp_path: Path, job_files: JobFiles) -> Itera
     engine.dispose()
 
 
-def fast_settings(**values: Any) -> WorkerSettings:
+def fast_settings(**values: Any) -> Settings:
     """Worker settings with the tests' short leases and intervals (FAST_SERVICE_ENV), plus `values`."""
     fields = {key.removeprefix("DISTILLERY_").lower(): value for key, value in FAST_SERVICE_ENV.items()
               if key.startswith("DISTILLERY_")}
-    return WorkerSettings(**{**fields, **values})
+    return Settings(**{**fields, **values})
 
 
 def _upload(session_factory: sessionmaker[Session], storage: Storage, owner: User, path: Path,
             purpose: FilePurpose) -> File:
     file_id = new_id("file")
-    stored = storage.put_file(file_key(owner.id, file_id), path)
+    stored = storage.put_file(upload_key(owner.id, file_id), path)
     row = File(id=file_id, owner_id=owner.id, name=path.name, purpose=purpose, size=stored.size,
                sha256=stored.sha256, storage_key=stored.key, info=sniff_upload(path=str(path), purpose=purpose))
     with session_factory() as session:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from api.db import session_scope
-from api.jobs import state
-from api.models import JobState
-from api.services.artifacts import checkpoint_prefix
+from service import state
+from service.db import session_scope
+from service.keys import checkpoint_prefix
+from service.models import JobState
+from service.queue import enqueue_job, queue_sizes
 from tests.worker.conftest import Service, fast_settings
 from tests.worker.support import redis_database
-from worker.enqueue import enqueue_job, queue_sizes
 from worker.reaper import Reaper, reap_once
 
 

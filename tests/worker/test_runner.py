@@ -14,15 +14,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from api.db import session_scope
-from api.jobs import state
-from api.models import Artifact, Job, JobState, utcnow
-from api.services.artifacts import checkpoint_prefix
-from api.storage import Storage
+from service import state
+from service.db import session_scope
+from service.keys import checkpoint_prefix
+from service.models import Artifact, Job, JobState, utcnow
+from service.storage import Storage
 from tests.worker.conftest import Service
 from tests.worker.support import claimed_accuracy, onnx_accuracy, torchscript_accuracy
+from worker.job_run import Outcome
 from worker.reaper import reap_once
-from worker.runner import Outcome, run
+from worker.runner import run
 
 LONG_EPOCHS = 400  # far more than a test waits for: the job is stopped long before its end
 

@@ -1,1 +1,0 @@
-"""Job lifecycle: every state transition lives in `api.jobs.state`."""

@@ -1,0 +1,246 @@
+"""Jobs: submit (validate, record, enqueue), list, read, cancel, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Row, bindparam, delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from kdcore.spec import JobSpec
+from service import keys, state
+from service.artifacts import delete_checkpoints
+from service.errors import ServiceError
+from service.files import resolve_file
+from service.ids import new_id
+from service.models import ACTIVE_STATES, FINISHED_STATES, File, FilePurpose, Job, JobFile, JobState, User
+from service.settings import Settings
+from service.state import IllegalTransitionError
+from service.storage import Storage
+
+logger = logging.getLogger("distillery.api")
+
+CODE_TEACHER_FORMATS = ("torchscript", "exported")
+WEIGHTS_ONLY_FORMATS = ("safetensors", "state_dict")
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: Job
+    created: bool  # False when an Idempotency-Key replayed an earlier submission
+
+
+def spec_digest(spec: JobSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit_job(
+    *, session: Session, settings: Settings, owner_id: str, spec: JobSpec, idempotency_key: str | None
+) -> Submission:
+    """Check the spec against the caller's files and limits, then record the job as queued (not enqueued)."""
+    digest = spec_digest(spec)
+    if idempotency_key is not None and (earlier := _replay(session, owner_id, idempotency_key, digest)):
+        return Submission(earlier, created=False)
+    inputs = _resolve_inputs(session=session, owner_id=owner_id, spec=spec)
+    _check_teacher(
+        settings=settings,
+        spec=spec,
+        teacher=inputs["teacher"],
+        datasets=[inputs[role] for role in ("train", "test") if role in inputs],
+    )
+    _check_concurrency(session=session, settings=settings, owner_id=owner_id)
+
+    job = Job(
+        id=new_id("job"),
+        owner_id=owner_id,
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        spec_sha256=digest,
+        idempotency_key=idempotency_key,
+        queue=queue_for(spec, settings),
+        state=JobState.QUEUED,
+        max_attempts=settings.max_attempts,
+        progress={"fraction": 0.0},
+    )
+    session.add(job)
+    session.add_all(JobFile(job_id=job.id, role=role, file_id=file.id) for role, file in inputs.items())
+    state.append_event(session, job.id, "state", {"state": JobState.QUEUED.value})
+    try:
+        session.commit()
+    except IntegrityError:
+        # Two requests with the same Idempotency-Key raced; the other one's job is the answer.
+        session.rollback()
+        if idempotency_key is not None and (earlier := _replay(session, owner_id, idempotency_key, digest)):
+            return Submission(earlier, created=False)
+        raise
+    return Submission(job, created=True)
+
+
+def queue_for(spec: JobSpec, settings: Settings) -> str:
+    """CPU-only jobs go to the `cpu` queue so they never wait for (or occupy) a GPU worker."""
+    return "cpu" if spec.device == "cpu" else settings.default_queue
+
+
+def _replay(session: Session, owner_id: str, key: str, digest: str) -> Job | None:
+    earlier = session.scalar(select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key))
+    if earlier is not None and earlier.spec_sha256 != digest:
+        raise ServiceError(
+            409,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different spec; use a new key for a new job",
+            field="Idempotency-Key",
+        )
+    return earlier
+
+
+def _resolve_inputs(*, session: Session, owner_id: str, spec: JobSpec) -> dict[str, File]:
+    references = {
+        "teacher": (spec.teacher.file, FilePurpose.TEACHER, "teacher.file"),
+        "train": (spec.data.train, FilePurpose.DATASET, "data.train"),
+    }
+    if spec.data.test is not None:
+        references["test"] = (spec.data.test, FilePurpose.DATASET, "data.test")
+    return {
+        role: resolve_file(session=session, owner_id=owner_id, file_id=file_id, purpose=purpose, field=field)
+        for role, (file_id, purpose, field) in references.items()
+    }
+
+
+def _check_teacher(*, settings: Settings, spec: JobSpec, teacher: File, datasets: list[File]) -> None:
+    """What can be told from the sniffed metadata alone; the worker's deep check does the rest."""
+    sniffed = teacher.info.get("format")
+    declared = spec.teacher.format
+    if declared != "auto" and sniffed and declared != sniffed:
+        raise ServiceError(
+            422,
+            "teacher_format_mismatch",
+            f"the teacher file is {sniffed}, not {declared}; use format auto or {sniffed}",
+            field="teacher.format",
+        )
+    effective = sniffed if declared == "auto" else declared
+    if effective in CODE_TEACHER_FORMATS and not settings.allow_code_teachers:
+        raise ServiceError(
+            422,
+            "unsafe_format",
+            f"{effective} teachers carry executable code and this server does not accept them; "
+            "export the teacher as safetensors (with its registry arch) or ONNX",
+            field="teacher.format",
+        )
+    if effective in WEIGHTS_ONLY_FORMATS and spec.teacher.arch is None:
+        raise ServiceError(
+            422,
+            "teacher_arch_required",
+            f"a {effective} teacher holds weights only: name its registry architecture",
+            field="teacher.arch",
+        )
+    output_size = teacher.info.get("output_size")
+    for dataset, field in zip(datasets, ("data.train", "data.test"), strict=False):
+        num_classes = dataset.info.get("num_classes")
+        if output_size and num_classes and output_size != num_classes:
+            raise ServiceError(
+                422,
+                "teacher_data_mismatch",
+                f"the teacher has {output_size} outputs but {field} has {num_classes} classes",
+                field="teacher.file",
+            )
+
+
+def _check_concurrency(*, session: Session, settings: Settings, owner_id: str) -> None:
+    # Lock the user's row (PostgreSQL) so two submissions cannot both squeeze under the limit.
+    session.execute(select(User.id).where(User.id == owner_id).with_for_update())
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
+    )
+    if (active or 0) >= settings.max_concurrent_jobs:
+        raise ServiceError(
+            429,
+            "too_many_jobs",
+            f"you have {active} queued or running jobs, the limit is {settings.max_concurrent_jobs}; "
+            "wait for one to finish or cancel one",
+            headers={"Retry-After": "30"},
+        )
+
+
+def list_jobs(
+    *,
+    session: Session,
+    owner_id: str,
+    limit: int,
+    cursor: str | None = None,
+    state_filter: JobState | None = None,
+) -> tuple[list[Job], str | None]:
+    query = select(Job).where(Job.owner_id == owner_id)
+    if cursor is not None:
+        query = query.where(Job.id < cursor)
+    if state_filter is not None:
+        query = query.where(Job.state == state_filter)
+    rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+
+
+def get_job(*, session: Session, owner_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
+
+
+# The status poll (`GET /v1/jobs/{id}`) is the API's hottest read: a Core SELECT of the columns
+# JobOut shows, on the table rather than the mapped class (no ORM compile, identity map or instance
+# state for a row that is only serialised), built once so that SQLAlchemy's compiled cache is hit
+# straight away. The owner is a condition in SQL, as everywhere.
+_job = Job.__table__.c
+_STATUS_COLUMNS = (
+    "id", "name", "state", "stage", "queue", "progress", "metrics", "error_code", "error_message", "attempts",
+    "max_attempts", "cancel_requested", "spec", "created_at", "started_at", "finished_at", "updated_at",
+)  # fmt: skip
+_STATUS_QUERY = select(*(_job[name] for name in _STATUS_COLUMNS)).where(
+    _job.id == bindparam("job_id"), _job.owner_id == bindparam("owner_id")
+)
+
+
+def read_job_status(*, connection: Connection, owner_id: str, job_id: str) -> Row[Any] | None:
+    """The caller's job as a row with JobOut's fields (attribute access like a Job), or None."""
+    return connection.execute(_STATUS_QUERY, {"job_id": job_id, "owner_id": owner_id}).first()
+
+
+def cancel_job(*, session: Session, storage: Storage, job: Job) -> Job:
+    try:
+        now = state.request_cancel(session, job.id)
+    except IllegalTransitionError as exc:
+        raise ServiceError(409, exc.code, f"job {job.id} is {exc.current} and can no longer be cancelled") from None
+    session.commit()
+    if now == JobState.CANCELLED:
+        # Cancelled while queued: no worker will clean up, and a handed-back job has checkpoints.
+        delete_checkpoints(storage, job.id)
+    session.refresh(job)
+    return job
+
+
+def delete_job(*, session: Session, storage: Storage, job: Job) -> None:
+    """Delete a finished job, its log, artifacts and checkpoints."""
+    # Conditional, like every state-dependent write: a job requeued a moment ago is not finished.
+    result = session.execute(
+        delete(Job).where(Job.id == job.id, Job.state.in_(FINISHED_STATES)).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        raise ServiceError(409, "job_not_finished", f"job {job.id} is {job.state}; cancel it and wait until it stops")
+    session.commit()
+    storage.delete_prefix(keys.job_prefix(job.id))
+
+
+def enqueue(*, session: Session, settings: Settings, job: Job) -> None:
+    """Hand a committed job to the broker; a failure is logged and left to the worker's reaper."""
+    from service.queue import enqueue_job
+
+    try:
+        enqueue_job(job.id, settings=settings, queue=job.queue)
+    except Exception:
+        logger.exception("could not enqueue job %s; it stays queued for the reaper to re-send", job.id)
+        return
+    state.mark_enqueued(session, [job.id])
+    session.commit()

@@ -1,0 +1,40 @@
+"""Where everything lives in the store: one key layout for inputs, checkpoints and artifacts.
+
+    users/<user id>/files/<file id>                        an upload (teacher or dataset)
+    jobs/<job id>/checkpoints/checkpoint.pt                the latest checkpoint of a running job
+    jobs/<job id>/artifacts/attempt-<n>/<name>             what attempt n produced
+
+Artifacts are kept per attempt so two runs of one job never write the same object; the job's
+artifact rows say which attempt's objects are current. Everything of a job sits under
+`job_prefix`, so deleting a job removes it all.
+"""
+
+from __future__ import annotations
+
+from service.storage import check_key
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def upload_key(owner_id: str, file_id: str) -> str:
+    return check_key(f"users/{owner_id}/files/{file_id}")
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    return f"{job_prefix(job_id)}checkpoints/"
+
+
+def checkpoint_key(job_id: str) -> str:
+    return check_key(checkpoint_prefix(job_id) + CHECKPOINT_NAME)
+
+
+def artifact_prefix(job_id: str, attempt: int) -> str:
+    return f"{job_prefix(job_id)}artifacts/attempt-{attempt}/"
+
+
+def artifact_key(job_id: str, attempt: int, name: str) -> str:
+    return check_key(artifact_prefix(job_id, attempt) + name)

@@ -1,0 +1,57 @@
+"""Bring a database to the newest schema: the only way the service's tables are made.
+
+`alembic.ini` and the revisions in `migrations/` are package data of `service`, found through
+`importlib.resources`, so an installed wheel migrates exactly as a source checkout does. For a
+new revision from a checkout: `alembic -c service/alembic.ini revision --autogenerate -m "..."`.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, inspect
+
+from service.db import create_db_engine
+from service.settings import Settings
+
+PACKAGE_DIR = Path(str(files("service")))
+ALEMBIC_INI = PACKAGE_DIR / "alembic.ini"
+MIGRATIONS_DIR = PACKAGE_DIR / "migrations"
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(str(ALEMBIC_INI))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation would read a '%' in a password as a reference.
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def upgrade_to_head(settings: Settings) -> None:
+    engine = create_db_engine(settings.database_url)
+    try:
+        with engine.begin() as connection:
+            config = alembic_config(settings.database_url)
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def downgrade_to_base(settings: Settings) -> None:
+    engine = create_db_engine(settings.database_url)
+    try:
+        with engine.begin() as connection:
+            config = alembic_config(settings.database_url)
+            config.attributes["connection"] = connection
+            command.downgrade(config, "base")
+    finally:
+        engine.dispose()
+
+
+def is_migrated(engine: Engine) -> bool:
+    return inspect(engine).has_table("alembic_version")
