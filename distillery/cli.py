@@ -103,6 +103,17 @@ def _migrate_and_serve(host: str, port: int, workers: int) -> None:
     )
 
 
+@admin.command("migrate")
+def migrate() -> None:
+    """Bring the database to the newest schema, then exit (a cluster runs this once per release)."""
+    _require("service")
+    from service.migrate import upgrade_to_head
+    from service.settings import get_settings
+
+    upgrade_to_head(get_settings())
+    typer.echo("the database is at the newest revision")
+
+
 @admin.command("create-user")
 def create_user(name: Annotated[str, typer.Argument(help="A unique user name.")]) -> None:
     """Create a user and print its API key (last on the line; shown once, never stored)."""

@@ -7,12 +7,12 @@ new revision from a checkout: `alembic -c service/alembic.ini revision --autogen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, inspect
 
 from service.db import create_db_engine
 from service.settings import Settings
@@ -32,26 +32,20 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade_to_head(settings: Settings) -> None:
-    engine = create_db_engine(settings.database_url)
-    try:
-        with engine.begin() as connection:
-            config = alembic_config(settings.database_url)
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
-    finally:
-        engine.dispose()
+    _run(settings, command.upgrade, "head")
 
 
 def downgrade_to_base(settings: Settings) -> None:
+    _run(settings, command.downgrade, "base")
+
+
+def _run(settings: Settings, step: Callable[[Config, str], None], revision: str) -> None:
+    """One Alembic command in one transaction on the settings' database."""
     engine = create_db_engine(settings.database_url)
     try:
         with engine.begin() as connection:
             config = alembic_config(settings.database_url)
             config.attributes["connection"] = connection
-            command.downgrade(config, "base")
+            step(config, revision)
     finally:
         engine.dispose()
-
-
-def is_migrated(engine: Engine) -> bool:
-    return inspect(engine).has_table("alembic_version")

@@ -26,7 +26,7 @@ from sqlalchemy import ColumnElement, and_, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
-from service.models import ACTIVE_STATES, FINISHED_STATES, Job, JobEvent, JobState, utcnow
+from service.models import FINISHED_STATES, Job, JobEvent, JobState, utcnow
 
 PROGRESS_KEYS = ("fraction", "epoch", "epochs", "eta_s", "step", "steps")
 
@@ -323,10 +323,6 @@ def mark_enqueued(session: Session, job_ids: Iterable[str], *, now: datetime | N
 
 def is_cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
-def is_active(state: str) -> bool:
-    return state in ACTIVE_STATES
 
 
 def _update(

@@ -2,7 +2,7 @@
 
 On a GPU node run one per GPU, each with its own `CUDA_VISIBLE_DEVICES` and `--concurrency 1`;
 on a CPU-only node, `--queue cpu`. Every job runs in a fresh child process; the parent only
-takes messages and reaps, and never touches CUDA. `api/cli.py` mounts `worker_command` as
+takes messages and reaps, and never touches CUDA. `distillery/cli.py` mounts `worker_command` as
 `distillery worker`; `python -m worker.cli` runs the same.
 
 Stopping: SIGTERM or Ctrl-C to the worker is Celery's warm shutdown: it takes no new job, and

@@ -35,7 +35,7 @@ class _JsonWithoutTag(logging.Filter):
 
 
 def configure_worker_logging(level: str, *, json_lines: bool) -> None:
-    """The API's log setup (one stderr handler, JSON lines by default) plus the job context."""
+    """The service's log setup (one stderr handler, JSON lines by default) plus the job context."""
     configure_logging(level, json_lines=json_lines)
     for handler in logging.getLogger().handlers:
         handler.addFilter(JobContextFilter())

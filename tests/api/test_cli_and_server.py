@@ -29,6 +29,19 @@ def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 
+def test_admin_migrate_makes_the_schema(tmp_path: Path) -> None:
+    import sqlite3
+
+    result = _cli(tmp_path, "admin", "migrate")
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "distillery.db") as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        (revision,) = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert {"user", "job", "file", "artifact", "job_event"} <= tables
+    assert revision
+    assert _cli(tmp_path, "admin", "migrate").returncode == 0  # a second run changes nothing
+
+
 def test_admin_create_user_prints_key_last(tmp_path: Path) -> None:
     result = _cli(tmp_path, "admin", "create-user", "carol")
     assert result.returncode == 0, result.stderr

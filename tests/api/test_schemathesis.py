@@ -49,8 +49,12 @@ AUTH = {"Authorization": f"Bearer {_KEY}"}
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
+# derandomize: the same examples every run, so CI cannot go red by chance. With random seeds a
+# negative case that drops the Authorization header (which AUTH below puts back) and adds an
+# undeclared query parameter that serialises to nothing was now and then reported as "accepted"
+# (schemathesis 4.32.5; upstream's false positives of negative_data_rejection, e.g. #4762).
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_conforms_to_schema(case: schemathesis.Case) -> None:
     # positive_data_acceptance is left out: a schema-valid spec still names file ids that must
     # exist (422), which no schema can express.

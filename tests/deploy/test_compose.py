@@ -59,7 +59,7 @@ def test_databases_have_health_checks_and_everything_waits_for_them(resolved: di
 
 def test_migration_is_a_one_shot(resolved: dict[str, Any]) -> None:
     migrate = resolved["services"]["migrate"]
-    assert migrate["command"] == ["alembic", "upgrade", "head"]
+    assert migrate["command"] == ["distillery", "admin", "migrate"]
     assert migrate.get("restart", "no") == "no"
 
 

@@ -101,6 +101,10 @@ def running_api(server_venv: Venv, tmp_path_factory: pytest.TempPathFactory) -> 
     """`distillery api` from the [server] install, on an embedded data folder, run from outside the checkout."""
     data_dir = tmp_path_factory.mktemp("server-data")
     env = _clean_env(DISTILLERY_DATA_DIR=str(data_dir), DISTILLERY_LOG_JSON="false")
+    # What the cluster's one-shot migrate service runs: the revisions come from inside the wheel.
+    migrated = subprocess.run([str(server_venv.distillery), "admin", "migrate"], capture_output=True, text=True,
+                              env=env, cwd=data_dir, timeout=120, check=False)
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
     created = subprocess.run([str(server_venv.distillery), "admin", "create-user", "ada"], capture_output=True,
                              text=True, env=env, cwd=data_dir, timeout=120, check=False)
     assert created.returncode == 0, created.stderr[-3000:]

@@ -56,6 +56,7 @@ class Recorder(Callbacks):
         self.cancel_after_steps = cancel_after_steps
         self.checkpoints: list[Path] = []
         self.logs: list[str] = []
+        self.resumes: list[tuple[str, int]] = []
 
     def on_progress(self, progress: Progress) -> None:
         self.progress.append(progress)
@@ -68,6 +69,9 @@ class Recorder(Callbacks):
 
     def on_log(self, message: str) -> None:
         self.logs.append(message)
+
+    def on_resume(self, stage: str, epoch: int) -> None:
+        self.resumes.append((stage, epoch))
 
     def should_cancel(self) -> bool:
         self.cancel_checks += 1
@@ -153,9 +157,11 @@ def test_resumed_run_ends_with_the_same_metrics(workdir: Path, tmp_path: Path, m
     with pytest.raises(CancelledError):
         _run(workdir, tmp_path / "resumed", spec, interrupted)
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint.pt").exists()
-    resumed = _run(workdir, tmp_path / "resumed", spec, Recorder())
+    recorder = Recorder()
+    resumed = _run(workdir, tmp_path / "resumed", spec, recorder)
 
     assert resumed.resumed_from == resumed_from
+    assert recorder.resumes == [resumed_from]  # the worker learns of it through the callback, once
     for key in ("student", "baseline"):
         assert resumed.metrics[key]["accuracy"] == straight.metrics[key]["accuracy"]
         assert resumed.metrics[key]["loss"] == pytest.approx(straight.metrics[key]["loss"], abs=1e-6)
