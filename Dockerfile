@@ -35,7 +35,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # -- the API: distillery[server], no torch --------------------------------------------------------
 FROM base AS api
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install "$(ls /wheels/distillery-*.whl)[server]" \
+    pip install "$(ls /wheels/distillery-*.whl)[server]" s3fs \
  && python -c "import sys; sys.modules['torch'] = None; import api.main, distillery.cli"
 USER distillery
 EXPOSE 8000

@@ -8,7 +8,7 @@ client command; a server command there says which extra it needs instead of a tr
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
@@ -35,10 +35,9 @@ _EXTRAS = {"server": ("fastapi", "uvicorn"), "worker": ("torch", "celery"), "ser
 
 def _require(extra: str) -> None:
     """Exit with one line naming the extra to install when a server command's packages are missing."""
+    # find_spec, not an import: the worker must set its thread counts before anything loads torch.
     for module in _EXTRAS[extra]:
-        try:
-            importlib.import_module(module)
-        except ImportError:
+        if importlib.util.find_spec(module) is None:
             typer.echo(f"error: this command needs the {extra} part of Distillery ({module} is not installed); "
                        f"install it with: pip install 'distillery[{extra}]'", err=True)
             raise typer.Exit(2) from None
@@ -117,6 +116,7 @@ def migrate() -> None:
 @admin.command("create-user")
 def create_user(name: Annotated[str, typer.Argument(help="A unique user name.")]) -> None:
     """Create a user and print its API key (last on the line; shown once, never stored)."""
+    _require("service")
     from service import users
 
     with _session() as session:
@@ -131,6 +131,7 @@ def create_user(name: Annotated[str, typer.Argument(help="A unique user name.")]
 @admin.command("create-key")
 def create_key(name: Annotated[str, typer.Argument(help="The user's name.")]) -> None:
     """Give an existing user another API key (printed last on the line)."""
+    _require("service")
     from service import users
 
     with _session() as session:
@@ -146,6 +147,7 @@ def create_key(name: Annotated[str, typer.Argument(help="The user's name.")]) ->
 @admin.command("revoke-key")
 def revoke_key(key: Annotated[str, typer.Argument(help="The key, or its lookup id (the part after dk_).")]) -> None:
     """Revoke an API key at once."""
+    _require("service")
     from service import users
 
     with _session() as session:

@@ -59,7 +59,7 @@ class JobCallbacks(Callbacks):
         self.job_run.event("log", {"message": message})
 
     def on_resume(self, stage: str, epoch: int) -> None:
-        message = f"resumed from the checkpoint after {stage} epoch {epoch}"
+        message = f"resuming from the checkpoint after {stage} epoch {epoch}"
         self.job_run.event("resume", {"stage": stage, "epoch": epoch, "attempt": self.job_run.attempt,
                                       "message": message})
 

@@ -1,7 +1,7 @@
 """The browser's session: a signed, HttpOnly, SameSite=Lax cookie, and CSRF tokens for every form.
 
 The cookie never holds the API key. Signing in checks the key once with the API's own
-`users.authenticate`; the cookie then keeps the key's lookup id, the user and a random CSRF
+`service.users.authenticate`; the cookie then keeps the key's lookup id, the user and a random CSRF
 token, signed with itsdangerous (timestamped, so it expires). Every request re-reads the key's
 row, so revoking the key (or disabling the user) ends the browser session at once, as it ends
 API access.

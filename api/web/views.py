@@ -1,10 +1,10 @@
 """The browser interface's pages and the few endpoints their scripts call.
 
 Thin views over the same service functions the /v1 routes use (`service.jobs`, `files`,
-`artifacts`, `events`, `users.authenticate`); uploads go through the API's own upload view, so
-quotas, limits and file checks are the API's exactly. Every route here needs a signed-in
-session (`WebUser`) except the sign-in form; every POST checks the session's CSRF token.
-"""
+`artifacts`, `events`, `users.authenticate`); uploads go through the API's own upload path
+(`api.uploads.receive_file`), so quotas, limits and file checks are the API's exactly. Every
+page on `router` needs a signed-in session, checked at the router; the open pages (sign-in,
+sign-out, the home redirect) are on `open_router`. Every POST checks the session's CSRF token."""
 
 from __future__ import annotations
 

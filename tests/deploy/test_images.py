@@ -58,6 +58,7 @@ def test_the_images_install_the_wheel_with_their_extra() -> None:
         assert f".whl)[{extra}]" in text, f"the {stage} image should install distillery[{extra}] from the wheel"
         assert not re.search(r"pip install[^\n]*\s-e\s", text), f"the {stage} image installs an editable checkout"
         assert "requirements" not in text
+        assert "s3fs" in text, f"the {stage} image cannot reach S3 storage"  # docs/cluster.md says both have it
     assert not (ROOT / "docker" / "requirements-api.txt").exists()
 
 

@@ -156,9 +156,11 @@ def test_the_client_commands_work_against_a_running_server(
 
 
 def test_a_server_command_on_the_client_install_names_the_extra(client_venv: Venv, tmp_path: Path) -> None:
-    result = _run(client_venv.distillery, "serve", env=_clean_env(DISTILLERY_DATA_DIR=str(tmp_path)))
-    assert result.returncode == 2
-    assert "pip install 'distillery[all]'" in result.stderr
+    env = _clean_env(DISTILLERY_DATA_DIR=str(tmp_path))
+    for command, extra in ((["serve"], "all"), (["admin", "create-user", "bob"], "service"), (["worker"], "worker")):
+        result = _run(client_venv.distillery, *command, env=env)
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"pip install 'distillery[{extra}]'" in result.stderr and "Traceback" not in result.stderr, command
 
 
 def test_the_server_install_runs_the_api_without_torch(server_venv: Venv, running_api: RunningApi) -> None:
