@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.stack import Stack, wait_until  # noqa: E402
-from tests.worker.support import JobFiles, make_job_files, postgres_database, redis_database  # noqa: E402
+from tests.support import postgres_database  # noqa: E402
+from tests.worker.support import JobFiles, make_job_files, redis_database  # noqa: E402
 
 POLL_S = 0.05
 # The service's default settings (leases, polling, progress writes), as a user would run it.

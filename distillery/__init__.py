@@ -4,5 +4,3 @@
 `worker`, `admin`, `distill`) import their packages only when run and say which extra to install
 where it is missing.
 """
-
-__version__ = "0.1.0"

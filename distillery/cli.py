@@ -40,7 +40,7 @@ def _require(extra: str) -> None:
         if importlib.util.find_spec(module) is None:
             typer.echo(f"error: this command needs the {extra} part of Distillery ({module} is not installed); "
                        f"install it with: pip install 'distillery[{extra}]'", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(2)
 
 
 @app.command()

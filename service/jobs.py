@@ -19,6 +19,7 @@ from service.errors import ServiceError
 from service.files import resolve_file
 from service.ids import new_id
 from service.models import ACTIVE_STATES, FINISHED_STATES, File, FilePurpose, Job, JobFile, JobState, User
+from service.queue import enqueue_job
 from service.settings import Settings
 from service.state import IllegalTransitionError
 from service.storage import Storage
@@ -235,8 +236,6 @@ def delete_job(*, session: Session, storage: Storage, job: Job) -> None:
 
 def enqueue(*, session: Session, settings: Settings, job: Job) -> None:
     """Hand a committed job to the broker; a failure is logged and left to the worker's reaper."""
-    from service.queue import enqueue_job
-
     try:
         enqueue_job(job.id, settings=settings, queue=job.queue)
     except Exception:

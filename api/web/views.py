@@ -4,7 +4,8 @@ Thin views over the same service functions the /v1 routes use (`service.jobs`, `
 `artifacts`, `events`, `users.authenticate`); uploads go through the API's own upload path
 (`api.uploads.receive_file`), so quotas, limits and file checks are the API's exactly. Every
 page on `router` needs a signed-in session, checked at the router; the open pages (sign-in,
-sign-out, the home redirect) are on `open_router`. Every POST checks the session's CSRF token."""
+sign-out, the home redirect) are on `open_router`. Every POST checks the session's CSRF token.
+"""
 
 from __future__ import annotations
 
