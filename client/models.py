@@ -143,6 +143,7 @@ class ArtifactList(_Model):
 class Architecture(_Model):
     name: str
     family: str
+    task: str = "image_classification"
     description: str
     args_schema: dict[str, Any] = Field(default_factory=dict)
     defaults: dict[str, Any] = Field(default_factory=dict)

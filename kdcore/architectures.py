@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from kdcore.errors import SpecError
+
+Task = Literal["image_classification", "text_classification"]
 
 
 class ArchArgs(BaseModel):
@@ -65,11 +67,41 @@ class TorchvisionArgs(ArchArgs):
     pass
 
 
+class HFArgs(ArchArgs):
+    """Overrides of the teacher's `config.json`; a field left unset keeps the teacher's value.
+
+    Names are transformers' standard ones; families that spell them differently (DistilBERT's
+    `n_layers`, `dim`) map them through their config's `attribute_map`.
+    """
+
+    num_hidden_layers: int | None = Field(default=None, ge=1, le=128, description="Transformer layers.")
+    hidden_size: int | None = Field(default=None, ge=8, le=16384, description="Width of every layer.")
+    num_attention_heads: int | None = Field(default=None, ge=1, le=256, description="Heads; must divide hidden_size.")
+    intermediate_size: int | None = Field(default=None, ge=8, le=65536, description="Width of the feed-forward.")
+
+    @field_validator("num_attention_heads")
+    @classmethod
+    def _heads_divide_width(cls, heads: int | None, info: ValidationInfo) -> int | None:
+        hidden = info.data.get("hidden_size")
+        if heads is not None and hidden is not None and hidden % heads:
+            raise ValueError(f"{heads} heads do not divide hidden_size {hidden}")
+        return heads
+
+
+class TextBiLSTMArgs(ArchArgs):
+    hidden: int = Field(default=300, ge=1, le=8192, description="LSTM width per direction (Tang et al.: 300).")
+    layers: int = Field(default=1, ge=1, le=8, description="Stacked BiLSTM layers.")
+    mlp_hidden: int = Field(default=400, ge=0, le=65536, description="Width of the ReLU layer before the output.")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout on the embeddings and the pooled state.")
+    freeze_embeddings: bool = Field(default=False, description="Keep the teacher's token embeddings fixed.")
+
+
 class ArchEntry(BaseModel):
     """One registry entry. `builder` is a "module:function" path resolved lazily (torch lives there)."""
 
     name: str
     family: str
+    task: Task = "image_classification"
     description: str
     args_model: type[ArchArgs]
     builder: str
@@ -80,6 +112,7 @@ class ArchInfo(BaseModel):
 
     name: str
     family: str
+    task: Task = Field(description="The kind of job this architecture is a student for.")
     description: str
     args_schema: dict[str, Any]
     defaults: dict[str, Any]
@@ -88,11 +121,12 @@ class ArchInfo(BaseModel):
 ARCHITECTURES: dict[str, ArchEntry] = {}
 
 
-def register(name: str, *, family: str, description: str, args_model: type[ArchArgs], builder: str) -> None:
+def register(name: str, *, family: str, description: str, args_model: type[ArchArgs], builder: str,
+             task: Task = "image_classification") -> None:
     if name in ARCHITECTURES:
         raise ValueError(f"architecture {name!r} registered twice")
     ARCHITECTURES[name] = ArchEntry(
-        name=name, family=family, description=description, args_model=args_model, builder=builder
+        name=name, family=family, task=task, description=description, args_model=args_model, builder=builder
     )
 
 
@@ -152,6 +186,27 @@ for _name, _description in TORCHVISION_MODELS.items():
     )
 
 
+register(
+    "hf",
+    family="transformers",
+    task="text_classification",
+    description="The teacher's transformers family (BERT, RoBERTa, DistilBERT, MiniLM, DeBERTa, ModernBERT, ...) "
+    "with arch_args overriding its config; with init_from_teacher it starts from the teacher's embeddings and "
+    "the layers named by student.teacher_layers (DistilBERT's copy).",
+    args_model=HFArgs,
+    builder="kdcore.hf_models:build_hf_student",
+)
+register(
+    "text_bilstm",
+    family="text",
+    task="text_classification",
+    description="BiLSTM over the teacher's token embeddings, max-pooled, then a ReLU layer (Tang et al. 2019, "
+    "'Distilling Task-Specific Knowledge from BERT into Simple Neural Networks'): the smallest budgets.",
+    args_model=TextBiLSTMArgs,
+    builder="kdcore.hf_models:build_text_bilstm",
+)
+
+
 def known_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
 
@@ -181,9 +236,10 @@ def list_architectures() -> list[ArchInfo]:
         ArchInfo(
             name=entry.name,
             family=entry.family,
+            task=entry.task,
             description=entry.description,
             args_schema=entry.args_model.model_json_schema(),
             defaults=entry.args_model().model_dump(),
         )
-        for entry in sorted(ARCHITECTURES.values(), key=lambda e: (e.family, e.name))
+        for entry in sorted(ARCHITECTURES.values(), key=lambda e: (e.task, e.family, e.name))
     ]

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from kdcore.archive import DEFAULT_LIMITS, ArchiveLimits, check_zip, open_zip, read_member
 from kdcore.errors import BadInputError
+from kdcore.text_sniff import TextDatasetInfo, detect_format, sniff_text
 
 Kind = Literal["npz", "imagefolder"]
 # How samples are laid out as stored: NxHxW, NxHxWxC, NxCxHxW or NxF.
@@ -463,9 +464,17 @@ def detect_kind(infos: Iterable[zipfile.ZipInfo]) -> Kind:
     return "imagefolder"
 
 
-def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> DatasetInfo:
-    """Describe a dataset file (npz or ImageFolder zip) or raise BadInputError saying what is wrong."""
+def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> DatasetInfo | TextDatasetInfo:
+    """Describe a dataset file (npz, ImageFolder zip, or jsonl/csv/tsv text) or raise BadInputError."""
     limits = limits or DEFAULT_LIMITS
+    with open(path, "rb") as handle:
+        head = handle.read(64 * 1024)
+    if not head.startswith(b"PK"):
+        text_format = detect_format(head)
+        if text_format is None:
+            raise BadInputError("not a dataset: neither a zip (.npz, ImageFolder) nor text rows (.jsonl, .csv, .tsv "
+                                "with a header line)")
+        return sniff_text(path, text_format)
     with open_zip(path, what="dataset") as zf:
         infos = check_zip(zf, limits)
         if detect_kind(infos) == "npz":

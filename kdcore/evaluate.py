@@ -6,6 +6,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,11 +70,15 @@ def size_mb(model: nn.Module, file: Path | None = None) -> float:
     return tensor_bytes / 1e6
 
 
+def image_example(input_shape: Sequence[int]) -> torch.Tensor:
+    """The batch-1 input latency is measured on for an image model."""
+    return torch.zeros(1, *input_shape)
+
+
 @torch.inference_mode()
-def cpu_latency_ms(model: nn.Module, input_shape: Sequence[int], *, runs: int = 50, warmup: int = 5) -> float:
-    """Median wall time of one batch-1 forward pass on the CPU, in milliseconds."""
+def cpu_latency_ms(model: nn.Module, example: Any, *, runs: int = 50, warmup: int = 5) -> float:
+    """Median wall time of one forward pass over `example` (a batch of one) on the CPU, in milliseconds."""
     model = model.eval()
-    example = torch.zeros(1, *input_shape)
     for _ in range(warmup):
         model(example)
     timings = []

@@ -59,6 +59,31 @@ def _build_kd(method: MethodSpec) -> LossFn:
     return loss
 
 
+def hidden_cosine_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+                       mask: torch.Tensor) -> torch.Tensor:
+    """DistilBERT's cosine embedding loss, per token and layer pair:
+
+        L_hidden = mean over pairs (s, t) and unpadded tokens of  1 - cos(h_s, h_t)
+
+    `student_hidden[i]` is already projected to the teacher's width; `mask` is 1 on real tokens.
+    """
+    weights = mask.float()
+    total = weights.sum().clamp(min=1.0)
+    losses = []
+    for student, teacher in zip(student_hidden, teacher_hidden, strict=True):
+        cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+        losses.append(((1.0 - cosine) * weights).sum() / total)
+    return torch.stack(losses).mean()
+
+
+def kd_hidden_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, *,
+                   student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor], mask: torch.Tensor,
+                   temperature: float, alpha: float, hidden_weight: float) -> torch.Tensor:
+    """`kd_loss` on the logits plus `hidden_weight * L_hidden` (see `hidden_cosine_loss`)."""
+    logits_term = kd_loss(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha)
+    return logits_term + hidden_weight * hidden_cosine_loss(student_hidden, teacher_hidden, mask)
+
+
 # Each entry builds a loss function from the spec's `method`; the key is `method.name`.
 LOSSES: dict[str, Callable[[MethodSpec], LossFn]] = {
     "kd": _build_kd,

@@ -29,6 +29,7 @@ from kdcore.evaluate import (
     classification_metrics,
     confusion_matrix,
     cpu_latency_ms,
+    image_example,
     parameter_count,
     size_mb,
 )
@@ -38,7 +39,7 @@ from kdcore.mixup import build_mixup
 from kdcore.models import build_model
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.sharing import share_parameters
-from kdcore.spec import JobSpec
+from kdcore.spec import JobSpec, ResolvedTask, for_task
 from kdcore.teacher import Teacher, check_teacher_fits, load_teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
 from kdcore.teacher_sniff import TeacherInfo, sniff_teacher
@@ -78,6 +79,21 @@ class RunResult:
     resumed_from: tuple[str, int] | None = None
 
 
+def resolve_task(spec: JobSpec, info: TeacherInfo) -> ResolvedTask:
+    """The job's task: what the spec says, checked against the teacher file, or what the file implies."""
+    implied: ResolvedTask = "image_classification"
+    if info.hf is not None:
+        if info.hf.task == "causal_lm":
+            raise KDError(f"the teacher is a causal language model ({info.hf.model_type}); language-model "
+                          "distillation is not available yet, only text classification", field="teacher.file",
+                          code="bad_input")
+        implied = "text_classification"
+    if spec.task not in ("auto", implied):
+        raise KDError(f"task is {spec.task} but the teacher file is {info.details or info.format}",
+                      field="task", code="teacher_data_mismatch")
+    return implied
+
+
 def plan_stages(spec: JobSpec, teacher: Teacher) -> list[Stage]:
     stages = spec.stages
     if stages.teacher_finetune_epochs and not teacher.trainable:
@@ -95,7 +111,14 @@ def plan_stages(spec: JobSpec, teacher: Teacher) -> list[Stage]:
 
 
 def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks | None = None) -> RunResult:
+    """Run one job to its artifacts; text jobs (an hf teacher) go to `kdcore.text_pipeline`."""
     callbacks = callbacks or Callbacks()
+    task = resolve_task(spec, sniff_teacher(inputs.teacher))
+    if task == "text_classification":
+        from kdcore.text_pipeline import run_text_job
+
+        return run_text_job(for_task(spec, task), inputs, options, callbacks)
+    spec = for_task(spec, task)
     set_threads(spec.threads)
     runtime = make_runtime(spec.device, spec.precision)
     options.out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +126,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         callbacks.on_log(f"warning: {warning}")
 
     # check: load everything and run one batch through the teacher, so bad input fails in seconds.
-    _announce(callbacks, "check")
+    announce(callbacks, "check")
     seed_everything(spec.seed)
     data = _with_teacher_classes(load_data(spec.data, train_path=inputs.train, test_path=inputs.test,
                                            seed=spec.seed), sniff_teacher(inputs.teacher))
@@ -133,14 +156,14 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
     )
     trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
-    trainer.tracker.skip_to(_steps_done(stages, state, trainer.steps_per_epoch))
+    trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
 
     models = _build_models(spec, data, teacher, state)
     if state.rng is not None:
         # Dropout draws from the global generator: continue it exactly where the checkpoint left it.
         restore_rng(state.rng)
     for stage in stages:
-        if _finished(stage, stages, state):
+        if stage_finished(stage, stages, state):
             continue
         model = models[stage.model_key].to(runtime.device)
         if stage.name == "teacher_finetune":
@@ -153,12 +176,12 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         else:
             trainer.fit(stage, model, cross_entropy_loss, state)
 
-    _announce(callbacks, "evaluate", fraction=1.0)
+    announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, inputs, models, preprocess, runtime, options, state)
-    _announce(callbacks, "export", fraction=1.0)
+    announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, data, models, metrics, options)
-    _announce(callbacks, "report", fraction=1.0)
-    artifacts += _write_reports(spec, data, metrics, state, options)
+    announce(callbacks, "report", fraction=1.0)
+    artifacts += write_reports(spec, data.source, metrics, state, options)
     if not options.keep_checkpoint:
         checkpointer.clear()
     return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
@@ -176,12 +199,12 @@ def _with_teacher_classes(data: DataBundle, info: TeacherInfo) -> DataBundle:
     return dataclasses.replace(data, num_classes=info.output_size, class_names=names[:info.output_size])
 
 
-def _announce(callbacks: Callbacks, stage: str, *, fraction: float = 0.0) -> None:
+def announce(callbacks: Callbacks, stage: str, *, fraction: float = 0.0) -> None:
     callbacks.on_stage_start(stage, 0)
     callbacks.on_progress(Progress(stage=stage, epoch=0, epochs=0, step=0, steps=0, fraction=fraction))
 
 
-def _finished(stage: Stage, stages: list[Stage], state: RunState) -> bool:
+def stage_finished(stage: Stage, stages: list[Stage], state: RunState) -> bool:
     """A stage is done when the checkpoint is past it, or at its last epoch."""
     if state.stage is None:
         return False
@@ -191,10 +214,10 @@ def _finished(stage: Stage, stages: list[Stage], state: RunState) -> bool:
     return index < checkpoint_index or (index == checkpoint_index and state.epoch >= stage.epochs)
 
 
-def _steps_done(stages: list[Stage], state: RunState, steps_per_epoch: int) -> int:
+def steps_done(stages: list[Stage], state: RunState, steps_per_epoch: int) -> int:
     done = 0
     for stage in stages:
-        if _finished(stage, stages, state):
+        if stage_finished(stage, stages, state):
             done += stage.epochs * steps_per_epoch
         elif stage.name == state.stage:
             done += state.epoch * steps_per_epoch
@@ -221,7 +244,7 @@ def _teacher_targets(spec: JobSpec, teacher: Teacher, train: DeviceData, preproc
     if augment_is_random(spec.data.augment) or spec.data.mixup > 0:
         return LiveTeacher(teacher.module, runtime)
     # No random augmentation or mixup: the teacher sees the same inputs every epoch, so one pass is enough.
-    _announce(callbacks, "teacher_cache")
+    announce(callbacks, "teacher_cache")
     return TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=runtime,
                                       batch_size=spec.eval_batch_size)
 
@@ -249,7 +272,7 @@ def _evaluate(spec: JobSpec, data: DataBundle, inputs: JobInputs, models: dict[s
             **classification_metrics(logits[key], y, data.num_classes),
             "params": parameter_count(model),
             "size_mb": size_mb(model, inputs.teacher if key == "teacher" else None),
-            "latency_ms": cpu_latency_ms(cpu_model, data.input_shape, runs=options.latency_runs),
+            "latency_ms": cpu_latency_ms(cpu_model, image_example(data.input_shape), runs=options.latency_runs),
         }
         model.to(runtime.device)
     student, teacher_metrics = results["student"], results["teacher"]
@@ -280,7 +303,7 @@ def _evaluate_int8(student: nn.Module, x: torch.Tensor, y: torch.Tensor, data: D
         **classification_metrics(logits, y, data.num_classes),
         "params": parameter_count(student),
         "size_mb": exporting.quantized_size_mb(quantized),
-        "latency_ms": cpu_latency_ms(quantized, data.input_shape, runs=options.latency_runs),
+        "latency_ms": cpu_latency_ms(quantized, image_example(data.input_shape), runs=options.latency_runs),
     }
 
 
@@ -312,8 +335,8 @@ def _export(spec: JobSpec, data: DataBundle, models: dict[str, nn.Module], metri
     return artifacts
 
 
-def _write_reports(spec: JobSpec, data: DataBundle, metrics: dict[str, Any], state: RunState,
-                   options: RunOptions) -> list[Path]:
+def write_reports(spec: JobSpec, source: str, metrics: dict[str, Any], state: RunState,
+                  options: RunOptions) -> list[Path]:
     out = options.out_dir
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2))
@@ -324,7 +347,7 @@ def _write_reports(spec: JobSpec, data: DataBundle, metrics: dict[str, Any], sta
         metrics_path,
         report.write_history_csv(state.history, out / "history.csv"),
         report.write_curves_png(state.history, out / "curves.png"),
-        report.write_report_md(spec, metrics, data.source, out / "report.md"),
+        report.write_report_md(spec, metrics, source, out / "report.md"),
         *sorted(p for p in tensorboard_dir.rglob("*") if p.is_file()),
     ]
 

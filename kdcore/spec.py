@@ -16,8 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from kdcore.architectures import ARCHITECTURES, SpecError, known_architectures, validate_arch_args
 
-TeacherFormat = Literal["auto", "torchscript", "exported", "safetensors", "onnx", "state_dict"]
-ExportFormat = Literal["safetensors", "torchscript", "onnx"]
+TeacherFormat = Literal["auto", "torchscript", "exported", "safetensors", "onnx", "state_dict", "hf"]
+ExportFormat = Literal["safetensors", "torchscript", "onnx", "hf"]
+Task = Literal["auto", "image_classification", "text_classification"]
+ResolvedTask = Literal["image_classification", "text_classification"]
+IMAGE_EXPORTS: list[ExportFormat] = ["safetensors", "torchscript", "onnx"]
+TEXT_EXPORTS: list[ExportFormat] = ["hf", "safetensors", "onnx"]
 Augment = Literal["none", "flip_crop", "shift"]
 Precision = Literal["fp32", "bf16", "fp16"]
 MAX_SPEC_BYTES = 1_000_000
@@ -31,7 +35,10 @@ class _Strict(BaseModel):
 
 class TeacherSpec(_Strict):
     file: str = Field(min_length=1, max_length=4096, description="File id (service) or local path (CLI).")
-    format: TeacherFormat = Field(default="auto", description="How the teacher is stored; auto sniffs it.")
+    format: TeacherFormat = Field(
+        default="auto",
+        description="How the teacher is stored; auto sniffs it. hf: a .zip of a Hugging Face model folder.",
+    )
     arch: str | None = Field(
         default=None, validate_default=True, description="Registry architecture; needed for safetensors/state_dict."
     )
@@ -42,6 +49,8 @@ class TeacherSpec(_Strict):
     def _arch_known_and_needed(cls, arch: str | None, info: ValidationInfo) -> str | None:
         if arch is not None:
             _check_arch_name(arch)
+            if ARCHITECTURES[arch].task != "image_classification":
+                raise ValueError(f"{arch!r} is a student architecture; an hf teacher needs no arch (format hf)")
         elif info.data.get("format") in ("safetensors", "state_dict"):
             raise ValueError(f"format {info.data['format']!r} holds weights only: name the registry architecture")
         return arch
@@ -53,16 +62,36 @@ class TeacherSpec(_Strict):
 
 
 class StudentSpec(_Strict):
-    arch: str = Field(default="mlp", description="Registry architecture of the student.")
+    arch: str | None = Field(
+        default=None, description="Registry architecture of the student; default mlp for images, hf for text."
+    )
     arch_args: dict[str, Any] = Field(default_factory=dict, validate_default=True, description="Arguments of `arch`.")
     init_from_teacher: bool = Field(
-        default=False, description="Copy every teacher tensor whose name and shape match (parameter sharing)."
+        default=False,
+        description="Parameter sharing: copy every teacher tensor whose name and shape match; for hf students the "
+        "embeddings, heads and the layers named by teacher_layers (the default for text jobs).",
     )
+    file: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="Text jobs: a pretrained student to start from (an hf .zip with the teacher's tokenizer).",
+    )
+    teacher_layers: list[int] | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="hf students: the teacher layers (0-based) that initialise the student's, one per student layer; "
+        "default evenly spaced (DistilBERT's one layer out of two).",
+    )
+
+    @field_validator("teacher_layers")
+    @classmethod
+    def _layers_ordered(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and any(layer < 0 for layer in layers):
+            raise ValueError("layer indices start at 0")
+        return layers
 
     @field_validator("arch")
     @classmethod
-    def _arch_known(cls, arch: str) -> str:
-        return _check_arch_name(arch)
+    def _arch_known(cls, arch: str | None) -> str | None:
+        return arch if arch is None else _check_arch_name(arch)
 
     @field_validator("arch_args")
     @classmethod
@@ -83,7 +112,10 @@ class NormalizeSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    train: str = Field(min_length=1, max_length=4096, description="Training data: .npz or ImageFolder .zip.")
+    train: str = Field(
+        min_length=1, max_length=4096,
+        description="Training data: .npz or ImageFolder .zip; text: .jsonl, .csv or .tsv.",
+    )
     test: str | None = Field(default=None, description="Separate test set; else the npz test split.")
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of train held out for validation.")
     normalize: NormalizeSpec = Field(default_factory=NormalizeSpec, description="Applied after uint8 → [0, 1].")
@@ -98,12 +130,28 @@ class DataSpec(_Strict):
         "The teacher then runs live on the blends (function matching); 0.2-1 are usual.",
     )
     image_size: int | None = Field(default=None, ge=4, le=1024, description="Resize ImageFolder images to this.")
+    text_field: str = Field(default="text", min_length=1, max_length=200, description="Text jobs: the text column.")
+    text_pair_field: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="Text jobs: a second text column, for sentence pairs (NLI, paraphrase).",
+    )
+    label_field: str = Field(
+        default="label", min_length=1, max_length=200, description="Text jobs: the label column (names or integers)."
+    )
+    max_length: int = Field(
+        default=128, ge=4, le=8192, description="Text jobs: tokens per example, longer texts are truncated."
+    )
 
 
 class MethodSpec(_Strict):
-    name: Literal["kd"] = Field(default="kd", description="Distillation method (Hinton soft targets).")
+    name: Literal["kd", "kd_hidden"] = Field(
+        default="kd",
+        description="kd: Hinton soft targets on the logits; kd_hidden (hf students): plus the hidden states of the "
+        "layers of student.teacher_layers matched by cosine (DistilBERT), projected where widths differ.",
+    )
     temperature: float = Field(default=4.0, gt=0, le=1000, description="Softmax temperature T (> 0).")
     alpha: float = Field(default=0.9, ge=0.0, le=1.0, description="Weight of the soft term; 1 = labels unused.")
+    hidden_weight: float = Field(default=1.0, ge=0.0, le=1000.0, description="kd_hidden: weight of the hidden term.")
 
 
 class StagesSpec(_Strict):
@@ -133,6 +181,9 @@ class OptimSpec(_Strict):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
     schedule: Literal["cosine", "constant", "linear"] = Field(default="cosine", description="LR schedule per stage.")
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps at the start of each stage.")
+    warmup_ratio: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Warm-up as a share of each stage's steps, where warmup_steps is 0."
+    )
     teacher_lr: float | None = Field(default=None, gt=0, le=10, description="LR of the teacher fine-tune; lr/10.")
     grad_clip: float | None = Field(default=None, gt=0, description="Clip the gradient norm to this.")
     max_norm: float | None = Field(
@@ -144,6 +195,9 @@ class OptimSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str | None = Field(default=None, max_length=200, description="Optional label.")
+    task: Task = Field(
+        default="auto", description="auto (from the teacher: an hf encoder → text_classification) or the task itself."
+    )
     teacher: TeacherSpec
     student: StudentSpec = Field(default_factory=StudentSpec)
     data: DataSpec
@@ -156,7 +210,9 @@ class JobSpec(_Strict):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     precision: Precision = Field(default="fp32", description="Autocast precision for training.")
     threads: int | None = Field(default=None, ge=1, le=512, description="torch threads; default: the machine's.")
-    export: list[ExportFormat] = Field(default=["safetensors", "torchscript", "onnx"], description="Student exports.")
+    export: list[ExportFormat] = Field(
+        default=IMAGE_EXPORTS, description="Student exports; text jobs default to hf, safetensors and onnx."
+    )
     quantize: Literal["none", "dynamic_int8"] = Field(default="none", description="Post-training quantisation.")
 
     @field_validator("device")
@@ -170,6 +226,67 @@ class JobSpec(_Strict):
     @classmethod
     def _export_unique(cls, export: list[str]) -> list[str]:
         return list(dict.fromkeys(export))
+
+
+def for_task(spec: JobSpec, task: ResolvedTask) -> JobSpec:
+    """The spec with the task's own defaults where the user left a field unset; the task then fixed.
+
+    Text jobs default to an hf student initialised from the teacher and hf exports; an image
+    architecture or export given explicitly for text (or the reverse) is an error naming the field.
+    """
+    resolved = spec.model_copy(deep=True, update={"task": task})
+    student = resolved.student
+    if student.arch is None:
+        student.arch = "hf" if task == "text_classification" else "mlp"
+        try:
+            _check_arch_args(student.arch, student.arch_args)
+        except ValueError as exc:
+            raise SpecError([{"field": "student.arch_args", "message": str(exc)}]) from None
+    if task == "text_classification":
+        _text_defaults(spec, resolved)
+    errors = []
+    if ARCHITECTURES[student.arch].task != task:
+        same = ", ".join(name for name, entry in sorted(ARCHITECTURES.items()) if entry.task == task)
+        errors.append({"field": "student.arch", "message": f"{student.arch!r} is not a {task} architecture; use one "
+                       f"of: {same}"})
+    if task == "text_classification" and "torchscript" in resolved.export:
+        errors.append({"field": "export",
+                       "message": "text students export as hf, safetensors or onnx, not torchscript"})
+    if task == "image_classification":
+        if "hf" in resolved.export:
+            errors.append({"field": "export", "message": "hf exports are for text students"})
+        if student.file is not None or student.teacher_layers is not None:
+            field = "student.file" if student.file is not None else "student.teacher_layers"
+            errors.append({"field": field, "message": "only text jobs (hf students) take this"})
+        if spec.method.name == "kd_hidden":
+            errors.append({"field": "method.name", "message": "kd_hidden matches transformer layers: text jobs only"})
+    if student.arch != "hf" and spec.method.name == "kd_hidden":
+        errors.append({"field": "method.name", "message": "kd_hidden needs an hf student (student.arch: hf)"})
+    if errors:
+        raise SpecError(errors)
+    return resolved
+
+
+# Fine-tuning settings of BERT-family models (Devlin et al.; the figures in ../shared/data/text/README.md).
+_TEXT_OPTIM = {"lr": 5e-5, "teacher_lr": 5e-5, "weight_decay": 0.01, "schedule": "linear", "warmup_ratio": 0.1}
+_TEXT_JOB = {"batch_size": 32, "eval_batch_size": 256}
+
+
+def _text_defaults(spec: JobSpec, resolved: JobSpec) -> None:
+    """Fill what a text job's user left unset: an hf student copied from the teacher, BERT fine-tuning settings."""
+    student = resolved.student
+    if "init_from_teacher" not in spec.student.model_fields_set:
+        student.init_from_teacher = True
+    if "export" not in spec.model_fields_set:
+        resolved.export = list(TEXT_EXPORTS) if student.arch == "hf" else ["safetensors", "onnx"]
+    for key, value in _TEXT_OPTIM.items():
+        if key not in spec.optim.model_fields_set:
+            setattr(resolved.optim, key, value)
+    for key, value in _TEXT_JOB.items():
+        if key not in spec.model_fields_set:
+            setattr(resolved, key, value)
+    if "distill_epochs" not in spec.stages.model_fields_set:
+        resolved.stages.distill_epochs = 3
 
 
 def _check_arch_name(arch: str) -> str:
@@ -238,4 +355,5 @@ def resolve_local_paths(spec: JobSpec, base: Path) -> JobSpec:
     update.teacher.file = resolve(spec.teacher.file) or spec.teacher.file
     update.data.train = resolve(spec.data.train) or spec.data.train
     update.data.test = resolve(spec.data.test)
+    update.student.file = resolve(spec.student.file)
     return update

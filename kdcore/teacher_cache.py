@@ -29,6 +29,10 @@ class TeacherLogitsCache:
         # One pass, so it runs in fp32 whatever the job's precision: bf16 would round every cached logit.
         full_precision = Runtime(device=runtime.device, precision="fp32")
         logits = predict_logits(teacher, x, preprocess=preprocess, runtime=full_precision, batch_size=batch_size)
+        return cls.from_logits(logits, runtime)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, runtime: Runtime) -> TeacherLogitsCache:
         compact = logits.half() if logits.abs().max().item() < _FLOAT16_SAFE else logits
         return cls(compact.to(runtime.device))
 

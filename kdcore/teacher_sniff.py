@@ -20,8 +20,9 @@ from typing import Any, Literal, TypeGuard
 from pydantic import BaseModel, Field
 
 from kdcore.errors import BadInputError
+from kdcore.hf_sniff import HfInfo, is_hf_folder, sniff_hf_zip
 
-SniffedFormat = Literal["safetensors", "onnx", "state_dict", "torchscript", "exported"]
+SniffedFormat = Literal["safetensors", "onnx", "state_dict", "torchscript", "exported", "hf"]
 
 #: The operator setting that lets TorchScript and torch.export teachers (which carry code) load.
 ALLOW_CODE_SETTING = "DISTILLERY_ALLOW_CODE_TEACHERS"
@@ -55,6 +56,7 @@ class TeacherInfo(BaseModel):
     )
     num_tensors: int | None = Field(default=None, description="Number of stored tensors, if cheap to count.")
     details: str = Field(default="", description="One human-readable line about the file.")
+    hf: HfInfo | None = Field(default=None, description="Hugging Face model folders: what their config says.")
 
 
 def sniff_teacher(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> TeacherInfo:
@@ -206,6 +208,8 @@ def _sniff_torch_zip(path: Path) -> TeacherInfo:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            if is_hf_folder(names):
+                return _hf_info(sniff_hf_zip(archive))
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise BadInputError(f"corrupt or truncated zip archive ({exc})", field=_FIELD) from None
     records = {_strip_top_folder(name) for name in names}
@@ -225,6 +229,18 @@ def _sniff_torch_zip(path: Path) -> TeacherInfo:
         "not a teacher model: file starts with b'PK' (a zip archive) but has no TorchScript, "
         ".pt2 or torch.save layout",
         field=_FIELD,
+    )
+
+
+def _hf_info(info: HfInfo) -> TeacherInfo:
+    layers = f", {info.num_layers} layers" if info.num_layers else ""
+    width = f" x {info.hidden_size}" if info.hidden_size else ""
+    head = f", classifier over {len(info.labels)} labels" if info.labels else (
+        ", no classification head (one is added)" if info.task == "text_classification" else "")
+    return TeacherInfo(
+        format="hf", output_size=len(info.labels) if info.labels else None, num_tensors=None, hf=info,
+        details=f"Hugging Face {info.model_type} ({info.task}){layers}{width}, {info.params / 1e6:.1f}M "
+        f"parameters{head}",
     )
 
 

@@ -1,7 +1,8 @@
 """The training loop for one stage: fit / train_epoch / validate, with checkpoints and resume.
 
-Data lives on the device as stored (uint8 images stay uint8, 4x smaller); each batch is
-normalised and augmented there, so the loop never waits on a Python data loader.
+The loop reads its data through `kdcore.batches.Batches`: images live on the device as stored
+(uint8 stays uint8, 4x smaller) and each batch is normalised and augmented there; token sequences
+are padded per batch. Either way the loop never waits on a Python data loader.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcore.batches import Augment, Batches, DeviceData, ImageBatches, steps_per_epoch
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.constraints import apply_max_norm
@@ -25,9 +27,9 @@ from kdcore.mixup import Mixup, hard_labels
 from kdcore.runtime import Runtime, capture_rng
 from kdcore.spec import OptimSpec
 
-# Teacher targets for a batch: (sample indices, preprocessed inputs) -> teacher logits, or None.
-TeacherTargets = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+# Teacher targets for a batch: (sample indices, model inputs) -> teacher logits.
+TeacherTargets = Callable[[torch.Tensor, Any], torch.Tensor]
+__all__ = ["Augment", "DeviceData", "ProgressTracker", "Stage", "Trainer", "steps_per_epoch"]
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,6 @@ class Stage:
     epochs: int
     lr: float
     index: int  # position in the plan; seeds this stage's shuffling
-
-
-@dataclass
-class DeviceData:
-    """A split moved to the device once, in stored form."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
 
 
 @dataclass
@@ -75,12 +66,6 @@ class ProgressTracker:
         self.started_at = time.monotonic()
 
 
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    # A final batch of one sample breaks BatchNorm in training mode, so it is dropped.
-    full, rest = divmod(num_samples, batch_size)
-    return full + (1 if rest > 1 else 0)
-
-
 def build_optimizer(spec: OptimSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.name == "sgd":
@@ -93,7 +78,8 @@ def build_optimizer(spec: OptimSpec, model: nn.Module, lr: float) -> torch.optim
 def build_scheduler(
     spec: OptimSpec, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = min(spec.warmup_steps, max(0, total_steps - 1))
+    wanted = spec.warmup_steps or round(spec.warmup_ratio * total_steps)
+    warmup = min(wanted, max(0, total_steps - 1))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -114,10 +100,10 @@ class Trainer:
         *,
         runtime: Runtime,
         optim: OptimSpec,
-        train: DeviceData,
-        val: DeviceData | None,
-        preprocess: nn.Module,
-        augment: Augment | None,
+        train: DeviceData | Batches,
+        val: DeviceData | Batches | None,
+        preprocess: nn.Module | None = None,
+        augment: Augment | None = None,
         batch_size: int,
         eval_batch_size: int,
         seed: int,
@@ -129,11 +115,9 @@ class Trainer:
     ) -> None:
         self.runtime = runtime
         self.optim = optim
-        self.train = train
-        self.val = val
-        self.preprocess = preprocess
-        self.augment = augment
-        self.mixup = mixup
+        # Image splits may come as tensors; the preprocessing (and, for training, augmentation) wraps them.
+        self.train = _as_batches(train, preprocess, augment, mixup)
+        self.val = _as_batches(val, preprocess, None, None) if val is not None else None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
@@ -141,7 +125,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.tracker = tracker
         self.progress_interval_s = progress_interval_s
-        self.steps_per_epoch = steps_per_epoch(len(train), batch_size)
+        self.steps_per_epoch = self.train.steps_per_epoch(batch_size)
 
     def fit(
         self,
@@ -186,7 +170,7 @@ class Trainer:
         teacher_targets: TeacherTargets | None,
     ) -> dict[str, float]:
         model.train()
-        order = torch.randperm(len(self.train), generator=shuffle_rng).to(self.runtime.device)
+        order = self.train.epoch_order(self.batch_size, shuffle_rng)
         loss_sum = torch.zeros((), device=self.runtime.device)
         correct = torch.zeros((), device=self.runtime.device, dtype=torch.long)
         seen = 0
@@ -194,13 +178,8 @@ class Trainer:
         for step in range(self.steps_per_epoch):
             if self.callbacks.should_cancel():
                 raise CancelledError(f"cancelled during {stage.name} epoch {epoch + 1}")
-            indices = order[step * self.batch_size:(step + 1) * self.batch_size]
-            inputs = self.preprocess(self.train.x[indices])
-            if self.augment is not None:
-                inputs = self.augment(inputs, shuffle_rng)
-            labels = self.train.y[indices]
-            if self.mixup is not None:
-                inputs, labels = self.mixup(inputs, labels, shuffle_rng)
+            indices = order[step]
+            inputs, labels = self.train.train_batch(indices, shuffle_rng)
             targets = teacher_targets(indices, inputs) if teacher_targets is not None else None
 
             with self.runtime.autocast():
@@ -240,9 +219,7 @@ class Trainer:
         model.eval()
         loss_sum, correct = 0.0, 0
         with torch.inference_mode():
-            for start in range(0, len(self.val), self.eval_batch_size):
-                inputs = self.preprocess(self.val.x[start:start + self.eval_batch_size])
-                labels = self.val.y[start:start + self.eval_batch_size]
+            for inputs, labels in self.val.eval_batches(self.eval_batch_size):
                 with self.runtime.autocast():
                     logits = model(inputs).float()
                 loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -287,6 +264,15 @@ class Trainer:
         if state.shuffle_rng is not None:
             shuffle_rng.set_state(state.shuffle_rng)
         return state.epoch
+
+
+def _as_batches(data: DeviceData | Batches, preprocess: nn.Module | None, augment: Augment | None,
+                mixup: Mixup | None) -> Batches:
+    if not isinstance(data, DeviceData):
+        return data
+    if preprocess is None:
+        raise ValueError("image data needs its preprocessing")
+    return ImageBatches(data, preprocess, augment, mixup)
 
 
 def history_rows(state: RunState) -> list[dict[str, Any]]:

@@ -1,0 +1,374 @@
+"""The staged pipeline of a text classification job (an hf teacher), top to bottom.
+
+The same stages as images (`kdcore.pipeline`): check → teacher fine-tune → teacher cache →
+distillation → student fine-tune → baseline → evaluation → export → report, with the same
+checkpoints, resume, cancel and progress. What differs is the data (token ids batched by length),
+the models (transformers classifiers, or a BiLSTM), `kd_hidden` and the exports.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcore import export as image_export
+from kdcore import text_export
+from kdcore.architectures import HFArgs, TextBiLSTMArgs
+from kdcore.callbacks import Callbacks
+from kdcore.checkpoint import Checkpointer, RunState
+from kdcore.errors import KDError
+from kdcore.evaluate import agreement, classification_metrics, confusion_matrix, cpu_latency_ms, size_mb
+from kdcore.hf_models import (
+    HfFolder,
+    StudentPlan,
+    TextClassifier,
+    build_hf_student,
+    build_text_bilstm,
+    deployable,
+    load_pretrained_student,
+    load_teacher_classifier,
+    load_tokenizer,
+    unpack_hf_zip,
+)
+from kdcore.losses import LossFn, build_distill_loss, cross_entropy_loss, kd_hidden_loss
+from kdcore.pipeline import (
+    JobInputs,
+    RunOptions,
+    RunResult,
+    announce,
+    plan_stages,
+    stage_finished,
+    steps_done,
+    write_reports,
+)
+from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
+from kdcore.spec import JobSpec
+from kdcore.teacher import Teacher
+from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
+from kdcore.teacher_sniff import sniff_teacher
+from kdcore.text_data import TextData, TokenBatch, TokenBatches, TokenizedSplit, collate, load_text_data
+from kdcore.trainer import ProgressTracker, Trainer
+
+LATENCY_TOKENS = 128  # the sequence length CPU latency is stated for (or max_length where shorter)
+DISAGREEMENTS_SHOWN = 8
+
+
+def run_text_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks) -> RunResult:
+    set_threads(spec.threads)
+    runtime = make_runtime(spec.device, spec.precision)
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    if (warning := precision_warning(runtime)) is not None:
+        callbacks.on_log(f"warning: {warning}")
+    scratch = options.out_dir / "hf"
+    try:
+        return _run(spec, inputs, options, callbacks, runtime, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks, runtime: Runtime,
+         scratch: Path) -> RunResult:
+    announce(callbacks, "check")
+    seed_everything(spec.seed)
+    folder = unpack_hf_zip(inputs.teacher, scratch / "teacher", field="teacher.file")
+    tokenizer = load_tokenizer(folder, field="teacher.file")
+    data = load_text_data(spec.data, train_path=inputs.train, test_path=inputs.test, tokenizer=tokenizer,
+                          seed=spec.seed, teacher_labels=folder.info.labels)
+    if not folder.info.has_classifier and spec.stages.teacher_finetune_epochs == 0:
+        raise KDError("the teacher is a base model without a classification head; set "
+                      "stages.teacher_finetune_epochs (2-3 is usual) so it learns one on this data first",
+                      field="stages.teacher_finetune_epochs", code="bad_input")
+    teacher_model = load_teacher_classifier(folder, data.class_names).to(runtime.device)
+    pad_id = int(tokenizer.pad_token_id)
+    train = TokenBatches(data.train, pad_id=pad_id, device=runtime.device)
+    val = TokenBatches(data.val, pad_id=pad_id, device=runtime.device) if data.val is not None else None
+    _check_one_batch(teacher_model, train, data.num_classes)
+    callbacks.on_log(f"data: {len(data.train)} train, {len(data.val) if data.val else 0} validation, "
+                     f"{len(data.test) if data.test else 0} test examples; {data.info['truncated']} truncated to "
+                     f"{data.max_length} tokens")
+    teacher = Teacher(teacher_model, "hf", True, None, sniff_teacher(inputs.teacher), runtime.device)
+    stages = plan_stages(spec, teacher)
+
+    checkpointer = Checkpointer(options.checkpoints)
+    state = (checkpointer.load() if options.resume else None) or RunState()
+    resumed_from = (state.stage, state.epoch) if state.stage else None
+    if state.stage:
+        callbacks.on_log(f"resuming from the checkpoint after {state.stage} epoch {state.epoch}")
+        callbacks.on_resume(state.stage, state.epoch)
+
+    trainer = Trainer(
+        runtime=runtime, optim=spec.optim, train=train, val=val, batch_size=spec.batch_size,
+        eval_batch_size=spec.eval_batch_size, seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
+        tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
+    )
+    trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
+    trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
+
+    models: dict[str, nn.Module] = {"teacher": teacher_model}
+    if "teacher" in state.models:
+        teacher_model.load_state_dict(state.models["teacher"])
+    student_plan: StudentPlan | None = None
+    if state.rng is not None:
+        restore_rng(state.rng)
+    for stage in stages:
+        if stage.model_key != "teacher" and student_plan is None:
+            # Built after the teacher's fine-tune: the layer copy takes the adapted teacher.
+            student_plan = _students(spec, folder, tokenizer, teacher_model, data, scratch, state, models)
+        if stage_finished(stage, stages, state):
+            continue
+        model = models[stage.model_key].to(runtime.device)
+        if stage.name == "teacher_finetune":
+            teacher_model.requires_grad_(True)
+            trainer.fit(stage, model, cross_entropy_loss, state)
+        elif stage.name == "distill":
+            teacher_model.eval().requires_grad_(False)
+            targets, loss = _distill_setup(spec, teacher_model, model, train, runtime, callbacks)
+            trainer.fit(stage, model, loss, state, teacher_targets=targets)
+            _stop_capturing(teacher_model, model)
+        else:
+            trainer.fit(stage, model, cross_entropy_loss, state)
+        teacher_model.eval().requires_grad_(False)
+    if student_plan is None:  # no student stage ran (cannot happen: the spec requires one), kept total
+        student_plan = _students(spec, folder, tokenizer, teacher_model, data, scratch, state, models)
+
+    announce(callbacks, "evaluate", fraction=1.0)
+    metrics = _evaluate(spec, data, models, student_plan, pad_id, runtime, options, state)
+    announce(callbacks, "export", fraction=1.0)
+    artifacts = _export(spec, data, models, tokenizer, student_plan, options)
+    announce(callbacks, "report", fraction=1.0)
+    source = f"{data.source}: {len(data.train)} training, {len(data.val) if data.val else 0} validation examples"
+    artifacts += write_reports(spec, source, metrics, state, options)
+    if not options.keep_checkpoint:
+        checkpointer.clear()
+    return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
+
+
+def _check_one_batch(teacher: TextClassifier, train: TokenBatches, num_classes: int) -> None:
+    batch, _ = train.train_batch(torch.arange(min(4, len(train))), torch.Generator())
+    with torch.inference_mode():
+        logits = teacher.eval()(batch)
+    if logits.shape[-1] != num_classes:
+        raise KDError(f"the teacher gives {logits.shape[-1]} outputs, the data has {num_classes} classes",
+                      field="teacher.file", code="teacher_data_mismatch")
+
+
+def _student(spec: JobSpec, folder: HfFolder, tokenizer: Any, teacher: TextClassifier, data: TextData,
+             scratch: Path, state: RunState) -> StudentPlan:
+    student = spec.student
+    if student.file is not None:
+        if student.arch_args or student.teacher_layers:
+            raise KDError("a pretrained student (student.file) is used as it is: drop arch_args and teacher_layers",
+                          field="student.file", code="bad_input")
+        pretrained = unpack_hf_zip(Path(student.file), scratch / "student", field="student.file")
+        plan = load_pretrained_student(pretrained, tokenizer, data.class_names)
+    elif student.arch == "text_bilstm":
+        plan = build_text_bilstm(teacher, TextBiLSTMArgs.model_validate(student.arch_args),
+                                 num_classes=data.num_classes, pad_id=int(tokenizer.pad_token_id), seed=spec.seed)
+    else:
+        plan = build_hf_student(teacher, HFArgs.model_validate(student.arch_args), seed=spec.seed,
+                                init_from_teacher=student.init_from_teacher, teacher_layers=student.teacher_layers)
+    if "shared_parameters" not in state.info:
+        state.info["shared_parameters"] = plan.shared_parameters
+        state.info["student"] = plan.description
+        state.info["teacher_layers"] = plan.teacher_layers
+    return plan
+
+
+def _students(spec: JobSpec, folder: HfFolder, tokenizer: Any, teacher: TextClassifier, data: TextData,
+              scratch: Path, state: RunState, models: dict[str, nn.Module]) -> StudentPlan:
+    """Student and baseline from one initialisation (layer copy included), then their checkpointed weights."""
+    plan = _student(spec, folder, tokenizer, teacher, data, scratch, state)
+    models.update(student=plan.model, baseline=copy.deepcopy(plan.model))
+    if spec.method.name == "kd_hidden":
+        _attach_projection(plan.model, teacher)
+    for key in ("student", "baseline"):
+        if key in state.models:
+            models[key].load_state_dict(state.models[key])
+    return plan
+
+
+def _attach_projection(student: nn.Module, teacher: TextClassifier) -> None:
+    """A learned map from the student's width to the teacher's: trained with the student, never shipped."""
+    assert isinstance(student, TextClassifier)
+    widths = (student.model.config.hidden_size, teacher.model.config.hidden_size)
+    student.add_module("distill_projection", nn.Identity() if widths[0] == widths[1] else nn.Linear(*widths))
+
+
+def _stop_capturing(*models: nn.Module) -> None:
+    for model in models:
+        if isinstance(model, TextClassifier):
+            model.capture_hidden, model.hidden_states = False, None
+
+
+def _distill_setup(spec: JobSpec, teacher: TextClassifier, student: nn.Module, train: TokenBatches,
+                   runtime: Runtime, callbacks: Callbacks) -> tuple[Any, LossFn]:
+    if spec.method.name != "kd_hidden":
+        announce(callbacks, "teacher_cache")
+        # One pass in fp32 whatever the job's precision: bf16 would round every cached logit.
+        logits = predict_text_logits(teacher, train, runtime, spec.eval_batch_size, precision="fp32")
+        cache = TeacherLogitsCache.from_logits(logits, runtime)
+        return cache, build_distill_loss(spec.method)
+    return LiveTeacher(teacher, runtime), _hidden_loss(spec, teacher, student)
+
+
+def _hidden_loss(spec: JobSpec, teacher: TextClassifier, student: nn.Module) -> LossFn:
+    """kd on the logits plus the cosine between student layer i and teacher layer teacher_layers[i]."""
+    assert isinstance(student, TextClassifier)
+    depth = student.model.config.num_hidden_layers
+    teacher_depth = teacher.model.config.num_hidden_layers
+    layers = spec.student.teacher_layers or _default_layers(teacher_depth, depth)
+    projection = student.distill_projection
+    teacher.capture_hidden = student.capture_hidden = True
+    method = spec.method
+
+    def loss(logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
+        assert teacher_logits is not None and student.hidden_states is not None and teacher.hidden_states is not None
+        student_hidden = [projection(student.hidden_states[i + 1]) for i in range(depth)]
+        # The teacher ran under inference mode: a clone outside it can be used by autograd.
+        teacher_hidden = [teacher.hidden_states[t + 1].clone() for t in layers]
+        mask = student.attention_mask if student.attention_mask is not None else torch.ones_like(logits[:, :1])
+        return kd_hidden_loss(logits, teacher_logits, labels, student_hidden=student_hidden,
+                              teacher_hidden=teacher_hidden, mask=mask, temperature=method.temperature,
+                              alpha=method.alpha, hidden_weight=method.hidden_weight)
+
+    return loss
+
+
+def _default_layers(teacher_depth: int, depth: int) -> list[int]:
+    from kdcore.hf_models import evenly_spaced
+
+    return evenly_spaced(teacher_depth, depth)
+
+
+@torch.inference_mode()
+def predict_text_logits(model: nn.Module, batches: TokenBatches, runtime: Runtime, batch_size: int,
+                        *, precision: str | None = None) -> torch.Tensor:
+    model.eval()
+    run = runtime if precision is None else Runtime(device=runtime.device, precision=precision)
+    outputs = []
+    for inputs, _ in batches.eval_batches(batch_size):
+        with run.autocast():
+            outputs.append(model(inputs).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+
+
+def _eval_split(data: TextData) -> tuple[str, TokenizedSplit]:
+    if data.test is not None:
+        return "test split", data.test
+    if data.val is not None:
+        return "validation split (no test set was given)", data.val
+    return "training data (no test set and val_fraction 0: accuracy is optimistic)", data.train
+
+
+def _latency_example(split: TokenizedSplit, pad_id: int, tokens: int) -> TokenBatch:
+    batch = collate(split, torch.tensor([len(split) - 1]), pad_id=pad_id)
+    ids = torch.full((1, tokens), pad_id, dtype=torch.long)
+    width = min(tokens, batch.input_ids.shape[1])
+    ids[0, :width] = batch.input_ids[0, :width]
+    ids[0, width:] = batch.input_ids[0, width - 1]  # real tokens throughout: padding would skip no work anyway
+    type_ids = torch.zeros_like(ids) if batch.token_type_ids is not None else None
+    return TokenBatch(ids, torch.ones_like(ids), type_ids)
+
+
+def _evaluate(spec: JobSpec, data: TextData, models: dict[str, nn.Module], plan: StudentPlan, pad_id: int,
+              runtime: Runtime, options: RunOptions, state: RunState) -> dict[str, Any]:
+    split_name, split = _eval_split(data)
+    batches = TokenBatches(split, pad_id=pad_id, device=runtime.device)
+    labels = split.labels
+    tokens = min(LATENCY_TOKENS, data.max_length)
+    example = _latency_example(split, pad_id, tokens)
+    keys = ["teacher", "student"] + (["baseline"] if spec.stages.baseline else [])
+    logits: dict[str, torch.Tensor] = {}
+    results: dict[str, Any] = {}
+    for key in keys:
+        model = models[key]
+        if isinstance(model, TextClassifier):
+            model.capture_hidden = False
+        logits[key] = predict_text_logits(model, batches, runtime, spec.eval_batch_size)
+        shipped = deployable(model).cpu()
+        results[key] = {
+            **classification_metrics(logits[key], labels, data.num_classes),
+            "params": sum(p.numel() for p in shipped.parameters()),
+            "size_mb": size_mb(shipped),
+            "latency_ms": cpu_latency_ms(model.cpu(), example, runs=options.latency_runs),
+        }
+        model.to(runtime.device)
+    student, teacher = results["student"], results["teacher"]
+    results.update(
+        task="text_classification",
+        agreement=agreement(logits["student"], logits["teacher"]),
+        compression=teacher["size_mb"] / max(student["size_mb"], 1e-9),
+        speedup=teacher["latency_ms"] / max(student["latency_ms"], 1e-9),
+        eval_split=split_name,
+        eval_samples=len(labels),
+        class_names=data.class_names,
+        student_confusion=confusion_matrix(logits["student"], labels, data.num_classes),
+        shared_parameters=state.info.get("shared_parameters", 0),
+        student_description=state.info.get("student", plan.description),
+        teacher_layers=state.info.get("teacher_layers"),
+        latency_tokens=tokens,
+        max_length=data.max_length,
+        truncated=data.info["truncated"],
+        disagreements=_disagreements(split, logits, data.class_names),
+    )
+    if "baseline" in results:
+        results["distillation_gain"] = student["accuracy"] - results["baseline"]["accuracy"]
+    if spec.quantize == "dynamic_int8":
+        quantized = image_export.quantize_dynamic_int8(deployable(models["student"]))
+        wrapped = TextClassifier(quantized) if isinstance(models["student"], TextClassifier) else quantized
+        cpu = Runtime(device=torch.device("cpu"), precision="fp32")
+        int8_logits = predict_text_logits(wrapped, TokenBatches(split, pad_id=pad_id, device=cpu.device), cpu,
+                                          spec.eval_batch_size)
+        results["student_int8"] = {
+            **classification_metrics(int8_logits, labels, data.num_classes),
+            "params": student["params"],
+            "size_mb": image_export.quantized_size_mb(quantized),
+            "latency_ms": cpu_latency_ms(wrapped, example, runs=options.latency_runs),
+        }
+    return results
+
+
+def _disagreements(split: TokenizedSplit, logits: dict[str, torch.Tensor], names: list[str]) -> list[dict[str, Any]]:
+    teacher, student = logits["teacher"].argmax(1), logits["student"].argmax(1)
+    rows = (teacher != student).nonzero().flatten().tolist()[:DISAGREEMENTS_SHOWN]
+    return [{"text": split.texts[i][:300], "label": names[int(split.labels[i])], "teacher": names[int(teacher[i])],
+             "student": names[int(student[i])]} for i in rows]
+
+
+# --- export -----------------------------------------------------------------------------------------------
+
+
+def _export(spec: JobSpec, data: TextData, models: dict[str, nn.Module], tokenizer: Any, plan: StudentPlan,
+            options: RunOptions) -> list[Path]:
+    out = options.out_dir
+    student = models["student"].cpu().eval()
+    shipped = deployable(student)
+    metadata = {"task": "text_classification", "class_names": data.class_names, "max_length": data.max_length,
+                "arch": spec.student.arch, "arch_args": spec.student.arch_args, "student": plan.description}
+    is_hf = isinstance(student, TextClassifier)
+    artifacts = []
+    if spec.stages.teacher_finetune_epochs:
+        teacher = models["teacher"]
+        assert isinstance(teacher, TextClassifier)
+        artifacts.append(text_export.export_hf_zip(teacher.model.cpu(), tokenizer, out / "teacher_hf.zip",
+                                                   {**metadata, "arch": "teacher"}))
+    if "hf" in spec.export:
+        if not is_hf:
+            raise KDError("a text_bilstm student has no transformers folder: drop hf from export", field="export",
+                          code="bad_input")
+        artifacts.append(text_export.export_hf_zip(shipped, tokenizer, out / "student_hf.zip", metadata))
+    if "safetensors" in spec.export:
+        artifacts.append(text_export.export_safetensors(shipped, out / "student.safetensors", metadata))
+    if "onnx" in spec.export:
+        with_type_ids = is_hf and "token_type_ids" in tokenizer.model_input_names
+        artifacts.append(text_export.export_text_onnx(student, out / "student.onnx", vocab_size=len(tokenizer),
+                                                      with_type_ids=with_type_ids))
+    return artifacts
