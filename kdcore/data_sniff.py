@@ -472,8 +472,8 @@ def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> D
     if not head.startswith(b"PK"):
         text_format = detect_format(head)
         if text_format is None:
-            raise BadInputError("not a dataset: neither a zip (.npz, ImageFolder) nor text rows (.jsonl, .csv, .tsv "
-                                "with a header line)")
+            raise BadInputError("not a dataset: not a zip archive (.npz or ImageFolder .zip) and not UTF-8 text "
+                                "rows (.jsonl, or .csv/.tsv with a header line)")
         return sniff_text(path, text_format)
     with open_zip(path, what="dataset") as zf:
         infos = check_zip(zf, limits)

@@ -39,7 +39,8 @@ from kdcore.mixup import build_mixup
 from kdcore.models import build_model
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.sharing import share_parameters
-from kdcore.spec import JobSpec, ResolvedTask, for_task
+from kdcore.spec import JobSpec, for_task
+from kdcore.tasks import resolve_task
 from kdcore.teacher import Teacher, check_teacher_fits, load_teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
 from kdcore.teacher_sniff import TeacherInfo, sniff_teacher
@@ -55,6 +56,7 @@ class JobInputs:
     teacher: Path
     train: Path
     test: Path | None = None
+    student: Path | None = None  # text jobs: a pretrained student to start from (student.file)
 
 
 @dataclass(frozen=True)
@@ -77,21 +79,6 @@ class RunResult:
     metrics: dict[str, Any]
     artifacts: list[Path] = field(default_factory=list)
     resumed_from: tuple[str, int] | None = None
-
-
-def resolve_task(spec: JobSpec, info: TeacherInfo) -> ResolvedTask:
-    """The job's task: what the spec says, checked against the teacher file, or what the file implies."""
-    implied: ResolvedTask = "image_classification"
-    if info.hf is not None:
-        if info.hf.task == "causal_lm":
-            raise KDError(f"the teacher is a causal language model ({info.hf.model_type}); language-model "
-                          "distillation is not available yet, only text classification", field="teacher.file",
-                          code="bad_input")
-        implied = "text_classification"
-    if spec.task not in ("auto", implied):
-        raise KDError(f"task is {spec.task} but the teacher file is {info.details or info.format}",
-                      field="task", code="teacher_data_mismatch")
-    return implied
 
 
 def plan_stages(spec: JobSpec, teacher: Teacher) -> list[Stage]:

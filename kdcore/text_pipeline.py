@@ -118,7 +118,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     for stage in stages:
         if stage.model_key != "teacher" and student_plan is None:
             # Built after the teacher's fine-tune: the layer copy takes the adapted teacher.
-            student_plan = _students(spec, folder, tokenizer, teacher_model, data, scratch, state, models)
+            student_plan = _students(spec, inputs, folder, tokenizer, teacher_model, data, scratch, state, models)
         if stage_finished(stage, stages, state):
             continue
         model = models[stage.model_key].to(runtime.device)
@@ -134,7 +134,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
             trainer.fit(stage, model, cross_entropy_loss, state)
         teacher_model.eval().requires_grad_(False)
     if student_plan is None:  # no student stage ran (cannot happen: the spec requires one), kept total
-        student_plan = _students(spec, folder, tokenizer, teacher_model, data, scratch, state, models)
+        student_plan = _students(spec, inputs, folder, tokenizer, teacher_model, data, scratch, state, models)
 
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, models, student_plan, pad_id, runtime, options, state)
@@ -157,14 +157,14 @@ def _check_one_batch(teacher: TextClassifier, train: TokenBatches, num_classes: 
                       field="teacher.file", code="teacher_data_mismatch")
 
 
-def _student(spec: JobSpec, folder: HfFolder, tokenizer: Any, teacher: TextClassifier, data: TextData,
+def _student(spec: JobSpec, inputs: JobInputs, tokenizer: Any, teacher: TextClassifier, data: TextData,
              scratch: Path, state: RunState) -> StudentPlan:
     student = spec.student
     if student.file is not None:
         if student.arch_args or student.teacher_layers:
             raise KDError("a pretrained student (student.file) is used as it is: drop arch_args and teacher_layers",
                           field="student.file", code="bad_input")
-        pretrained = unpack_hf_zip(Path(student.file), scratch / "student", field="student.file")
+        pretrained = unpack_hf_zip(inputs.student or Path(student.file), scratch / "student", field="student.file")
         plan = load_pretrained_student(pretrained, tokenizer, data.class_names)
     elif student.arch == "text_bilstm":
         plan = build_text_bilstm(teacher, TextBiLSTMArgs.model_validate(student.arch_args),
@@ -179,10 +179,10 @@ def _student(spec: JobSpec, folder: HfFolder, tokenizer: Any, teacher: TextClass
     return plan
 
 
-def _students(spec: JobSpec, folder: HfFolder, tokenizer: Any, teacher: TextClassifier, data: TextData,
-              scratch: Path, state: RunState, models: dict[str, nn.Module]) -> StudentPlan:
+def _students(spec: JobSpec, inputs: JobInputs, folder: HfFolder, tokenizer: Any, teacher: TextClassifier,
+              data: TextData, scratch: Path, state: RunState, models: dict[str, nn.Module]) -> StudentPlan:
     """Student and baseline from one initialisation (layer copy included), then their checkpointed weights."""
-    plan = _student(spec, folder, tokenizer, teacher, data, scratch, state)
+    plan = _student(spec, inputs, tokenizer, teacher, data, scratch, state)
     models.update(student=plan.model, baseline=copy.deepcopy(plan.model))
     if spec.method.name == "kd_hidden":
         _attach_projection(plan.model, teacher)

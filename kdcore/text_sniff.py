@@ -46,11 +46,18 @@ class TextDatasetInfo(BaseModel):
 
 
 def detect_format(head: bytes) -> TextFormat | None:
-    """jsonl when the first non-blank line is a JSON object, else csv or tsv by the header's separator."""
-    try:
-        text = head.decode("utf-8-sig", errors="ignore")
-    except UnicodeDecodeError:  # pragma: no cover - errors="ignore" never raises
+    """jsonl when the first non-blank line is a JSON object, else csv or tsv by the header's separator.
+
+    None for anything that is not UTF-8 text (binary files, NUL bytes).
+    """
+    if b"\x00" in head:
         return None
+    try:
+        text = head.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # only a character cut by the end of the sample is forgiven
+            return None
+        text = head[:exc.start].decode("utf-8-sig")
     first = next((line for line in text.splitlines() if line.strip()), "")
     if first.lstrip().startswith("{"):
         return "jsonl"

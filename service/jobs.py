@@ -23,6 +23,7 @@ from service.queue import enqueue_job
 from service.settings import Settings
 from service.state import IllegalTransitionError
 from service.storage import Storage
+from service.text_checks import check_datasets, resolve_spec
 
 logger = logging.getLogger("distillery.api")
 
@@ -49,6 +50,8 @@ def submit_job(
     if idempotency_key is not None and (earlier := _replay(session, owner_id, idempotency_key, digest)):
         return Submission(earlier, created=False)
     inputs = _resolve_inputs(session=session, owner_id=owner_id, spec=spec)
+    spec = resolve_spec(spec, inputs["teacher"])
+    check_datasets(spec, inputs["teacher"], {role: inputs[role] for role in ("train", "test") if role in inputs})
     _check_teacher(
         settings=settings,
         spec=spec,
@@ -105,6 +108,8 @@ def _resolve_inputs(*, session: Session, owner_id: str, spec: JobSpec) -> dict[s
         "teacher": (spec.teacher.file, FilePurpose.TEACHER, "teacher.file"),
         "train": (spec.data.train, FilePurpose.DATASET, "data.train"),
     }
+    if spec.student.file is not None:
+        references["student"] = (spec.student.file, FilePurpose.TEACHER, "student.file")
     if spec.data.test is not None:
         references["test"] = (spec.data.test, FilePurpose.DATASET, "data.test")
     return {

@@ -175,11 +175,13 @@ def _download_inputs(job_run: JobRun, folder: Path) -> JobInputs:
     from kdcore.pipeline import JobInputs
 
     paths: dict[str, Path] = {}
-    for role in ("teacher", "train", "test"):
+    optional = {"test": (job_run.spec.get("data") or {}).get("test"),
+                "student": (job_run.spec.get("student") or {}).get("file")}
+    for role in ("teacher", "train", "test", "student"):
         entry = job_run.input_keys.get(role)
         if entry is None:
-            if role == "test" and not (job_run.spec.get("data") or {}).get("test"):
-                continue  # no separate test set
+            if role in optional and not optional[role]:
+                continue  # no separate test set, no pretrained student
             raise InputMissingError(f"the job's {_ROLES[role]} ({_FIELDS[role]}) was deleted; upload it again "
                                     "and submit a new job")
         key, name = entry
@@ -192,11 +194,12 @@ def _download_inputs(job_run: JobRun, folder: Path) -> JobInputs:
                 "submit a new job"
             ) from None
         paths[role] = path
-    return JobInputs(teacher=paths["teacher"], train=paths["train"], test=paths.get("test"))
+    return JobInputs(teacher=paths["teacher"], train=paths["train"], test=paths.get("test"),
+                     student=paths.get("student"))
 
 
-_ROLES = {"teacher": "teacher file", "train": "training data", "test": "test data"}
-_FIELDS = {"teacher": "teacher.file", "train": "data.train", "test": "data.test"}
+_ROLES = {"teacher": "teacher file", "train": "training data", "test": "test data", "student": "pretrained student"}
+_FIELDS = {"teacher": "teacher.file", "train": "data.train", "test": "data.test", "student": "student.file"}
 
 
 def _suffix(name: str) -> str:
