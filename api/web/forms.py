@@ -24,17 +24,26 @@ from starlette.datastructures import FormData
 
 from kdcore.architectures import ARCHITECTURES, ArchInfo, list_architectures, validate_arch_args
 from kdcore.errors import SpecError
-from kdcore.spec import JobSpec, parse_spec
+from kdcore.spec import JobSpec, for_task, parse_spec
 
 FieldKind = Literal["text", "number", "select", "checkbox", "checks", "list", "file", "arch", "json"]
 FormValue = str | bool | list[str]
 FormValues = dict[str, FormValue]
 
-FILE_FIELDS = {"teacher.file": "teacher", "data.train": "dataset", "data.test": "dataset"}
+FILE_FIELDS = {"teacher.file": "teacher", "data.train": "dataset", "data.test": "dataset", "student.file": "teacher"}
 ARCH_OWNERS = ("teacher", "student")
 
 LABELS = {
     "name": "Job name",
+    "task": "Task",
+    "student.file": "Pretrained student",
+    "student.teacher_layers": "Teacher layers to copy",
+    "data.text_field": "Text column",
+    "data.text_pair_field": "Second text column",
+    "data.label_field": "Label column",
+    "data.max_length": "Max length (tokens)",
+    "method.hidden_weight": "Hidden-state weight",
+    "optim.warmup_ratio": "Warm-up share",
     "teacher.file": "Teacher checkpoint",
     "teacher.format": "Teacher format",
     "teacher.arch": "Teacher architecture",
@@ -74,8 +83,14 @@ LABELS = {
 }
 # Where the spec's own description speaks to a CLI user (paths) rather than to the form's.
 HELP = {
-    "teacher.file": "The trained model to imitate: safetensors or a state_dict (name its architecture), or ONNX.",
-    "data.train": "Training data: .npz (x_train, y_train[, x_test, y_test]) or an ImageFolder .zip.",
+    "teacher.file": "The trained model to imitate: safetensors or a state_dict (name its architecture), ONNX, or a "
+    ".zip of a Hugging Face model folder (text).",
+    "data.train": "Training data: .npz (x_train, y_train[, x_test, y_test]) or an ImageFolder .zip; for a text teacher "
+    ".jsonl, .csv or .tsv rows.",
+    "task": "Follows from the teacher: a Hugging Face encoder makes a text classification job.",
+    "student.file": "Text jobs: start from a pretrained smaller model of the teacher's tokenizer instead (an hf .zip).",
+    "stages.baseline": "Also train the same student without a teacher, for as many epochs: the report can then say "
+    "what distillation gained. It roughly doubles the student's training time.",
     "data.test": "A separate test set; without one the npz test split (or the validation split) is used.",
     "teacher.arch": "Registry architecture of the teacher; needed for safetensors and state_dict files.",
     "optim.name": "Optimiser: adamw is a safe default; sgd uses the momentum below.",
@@ -86,20 +101,27 @@ PLACEHOLDERS = {"name": "e.g. mnist-mlp", "device": "auto, cpu, cuda or cuda:N"}
 
 # (title, [(path, advanced)]): the order of the form. Arch arguments follow their `arch` field.
 LAYOUT: list[tuple[str, list[str], list[str]]] = [
-    ("Job", ["name"], []),
+    ("Job", ["name", "task"], []),
     ("Teacher", ["teacher.file", "teacher.format", "teacher.arch"], []),
-    ("Data", ["data.train", "data.test"], ["data.val_fraction", "data.normalize.mean", "data.normalize.std",
-                                            "data.augment", "data.mixup", "data.image_size"]),
-    ("Student", ["student.arch", "student.init_from_teacher"], []),
-    ("Distillation", ["method.temperature", "method.alpha", "method.name"], []),
+    ("Data", ["data.train", "data.test", "data.text_field", "data.label_field", "data.max_length"],
+     ["data.val_fraction", "data.text_pair_field", "data.normalize.mean", "data.normalize.std", "data.augment",
+      "data.mixup", "data.image_size"]),
+    ("Student", ["student.arch", "student.init_from_teacher", "student.teacher_layers"], ["student.file"]),
+    ("Distillation", ["method.temperature", "method.alpha", "method.name"], ["method.hidden_weight"]),
     ("Stages", ["stages.distill_epochs", "stages.teacher_finetune_epochs", "stages.finetune_epochs",
                 "stages.baseline"], []),
     ("Training", ["optim.name", "optim.lr", "batch_size", "precision"],
-     ["optim.schedule", "optim.weight_decay", "optim.momentum", "optim.warmup_steps", "optim.teacher_lr",
+     ["optim.schedule", "optim.weight_decay", "optim.momentum", "optim.warmup_steps", "optim.warmup_ratio",
+      "optim.teacher_lr",
       "optim.grad_clip", "eval_batch_size", "seed", "device", "threads"]),
     ("Output", ["export", "quantize"], []),
 ]
-OTHER_GROUP = "More settings"
+OTHER_GROUP = "Other"
+# Fields that mean something for one task only; the page shows them when the teacher's task is that one.
+TEXT_ONLY = frozenset({"data.text_field", "data.text_pair_field", "data.label_field", "data.max_length",
+                       "student.teacher_layers", "student.file", "method.hidden_weight"})
+IMAGE_ONLY = frozenset({"teacher.arch", "data.normalize.mean", "data.normalize.std", "data.augment", "data.mixup",
+                        "data.image_size"})
 
 
 @dataclass(frozen=True)
@@ -120,6 +142,20 @@ class FormField:
     owner: str | None = None  # arch fields and arguments: teacher | student
     arch: str | None = None  # arch arguments: the architecture they belong to
     placeholder: str = ""
+    text_default: Any = None  # where a text job's default differs (the page switches to it)
+
+    @property
+    def form_default(self) -> FormValue:
+        return to_form_value(self, self.default)
+
+    @property
+    def only(self) -> str | None:
+        """The one task this field belongs to, if any."""
+        if self.path in TEXT_ONLY:
+            return "text_classification"
+        if self.path in IMAGE_ONLY:
+            return "image_classification"
+        return None
 
     @property
     def id(self) -> str:
@@ -266,6 +302,27 @@ def _arch_arg_fields(owner: str, info: ArchInfo) -> list[FormField]:
     return fields
 
 
+def _with_text_defaults(leaves: list[FormField]) -> list[FormField]:
+    """Each field's default in a text job, where `kdcore.spec.for_task` makes it differ from the image one."""
+    from dataclasses import replace
+
+    minimal = {"teacher": {"file": "x"}, "data": {"train": "x"}}
+    image = for_task(parse_spec(minimal), "image_classification").model_dump(mode="json")
+    text = for_task(parse_spec(minimal), "text_classification").model_dump(mode="json")
+    updated = []
+    for f in leaves:
+        found_image, image_value = _lookup(image, f.path)
+        found_text, text_value = _lookup(text, f.path)
+        if f.path == "student.arch":
+            # The schema's None means "the task's default": the form shows what that is.
+            names = tuple(option for option in f.options if option is not None)
+            f = replace(f, default=image_value, nullable=False, options=names)
+        if found_text and (not found_image or image_value != text_value):
+            f = replace(f, text_default=to_form_value(f, text_value))
+        updated.append(f)
+    return updated
+
+
 @lru_cache(maxsize=1)
 def _architectures() -> tuple[ArchInfo, ...]:
     return tuple(list_architectures())
@@ -281,6 +338,7 @@ class SpecForm:
         self.arch_args: dict[tuple[str, str], list[FormField]] = {
             (owner, info.name): _arch_arg_fields(owner, info) for owner in ARCH_OWNERS for info in self.architectures
         }
+        leaves = _with_text_defaults(leaves)
         self.fields: list[FormField] = leaves + [f for fs in self.arch_args.values() for f in fs]
         self.by_name = {f.name: f for f in self.fields}
         self.groups = self._layout({f.path: f for f in leaves})

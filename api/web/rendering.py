@@ -96,11 +96,17 @@ def file_label(row: Any) -> str:
     """`blobs.npz · 41.2 kB · 600 train / 200 test, 8×8, 4 classes` for the upload pickers."""
     info = row.info or {}
     parts = [row.name, filesize(row.size)]
-    if row.purpose == "dataset" and info.get("num_train") is not None:
+    if row.purpose == "dataset" and info.get("kind") == "text":
+        parts.append(f"{info.get('num_rows')} rows, columns {', '.join(info.get('columns') or [])}")
+    elif row.purpose == "dataset" and info.get("num_train") is not None:
         shape = "×".join(str(n) for n in info.get("sample_shape") or [])
         test = f" / {info['num_test']} test" if info.get("num_test") else ""
         classes = f", {info['num_classes']} classes" if info.get("num_classes") else ""
         parts.append(f"{info['num_train']} train{test}, {shape}{classes}")
+    elif row.purpose == "teacher" and info.get("hf"):
+        hf = info["hf"]
+        head = f", labels {'/'.join(hf['labels'])}" if hf.get("labels") else ", no head"
+        parts.append(f"hf {hf.get('model_type')}, {hf.get('num_layers')} layers{head}")
     elif row.purpose == "teacher" and info.get("format"):
         outputs = f", {info['output_size']} outputs" if info.get("output_size") else ""
         parts.append(f"{info['format']}{outputs}")

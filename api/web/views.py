@@ -41,7 +41,7 @@ from api.web.session import (
     web_user,
 )
 from api.web.timeline import STAGE_LABELS, Timeline, load_timeline, stage_before, stage_label
-from kdcore.spec import JobSpec
+from kdcore.spec import JobSpec, parse_spec
 from service import artifacts, events, files, jobs, users
 from service.errors import ServiceError
 from service.models import ACTIVE_STATES, FINISHED_STATES, FilePurpose, Job, JobState
@@ -242,8 +242,10 @@ async def create_job(request: Request, user: WebUser, session: SessionDep, setti
         # Re-rendered with 200 (not 422) for the same reason as a failed sign-in: no console error.
         return await run_in_threadpool(_form_page, request, session, user, values, errors=checked.errors,
                                        general=checked.general, source_job=source_job)
+    # Fields left at the schema's defaults are left unset, so that the task's own defaults apply (a text job).
+    spec = parse_spec(checked.spec.model_dump(mode="json", exclude_defaults=True))
     try:
-        job = await run_in_threadpool(_submit, session, settings, user, checked.spec, idempotency_key)
+        job = await run_in_threadpool(_submit, session, settings, user, spec, idempotency_key)
     except ServiceError as exc:
         session.rollback()
         errors: dict[str, list[str]] = {}

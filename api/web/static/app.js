@@ -21,11 +21,16 @@
   function fileLabel(file) {
     var info = file.info || {};
     var parts = [file.name, formatSize(file.size)];
-    if (file.purpose === "dataset" && info.num_train != null) {
+    if (file.purpose === "dataset" && info.kind === "text") {
+      parts.push(info.num_rows + " rows, columns " + (info.columns || []).join(", "));
+    } else if (file.purpose === "dataset" && info.num_train != null) {
       var shape = (info.sample_shape || []).join("×");
       var test = info.num_test ? " / " + info.num_test + " test" : "";
       var classes = info.num_classes ? ", " + info.num_classes + " classes" : "";
       parts.push(info.num_train + " train" + test + ", " + shape + classes);
+    } else if (file.purpose === "teacher" && info.hf) {
+      parts.push("hf " + info.hf.model_type + ", " + info.hf.num_layers + " layers" +
+                 (info.hf.labels ? ", labels " + info.hf.labels.join("/") : ", no head"));
     } else if (file.purpose === "teacher" && info.format) {
       parts.push(info.format + (info.output_size ? ", " + info.output_size + " outputs" : ""));
     }
@@ -61,10 +66,13 @@
 
   function addChoice(file, targetSelect) {
     var label = fileLabel(file);
+    var info = file.info || {};
     document.querySelectorAll('select[data-purpose="' + file.purpose + '"]').forEach(function (select) {
       var option = document.createElement("option");
       option.value = file.id;
       option.textContent = label;
+      if (info.format) option.setAttribute("data-format", info.format);
+      if (info.columns) option.setAttribute("data-columns", JSON.stringify(info.columns));
       select.insertBefore(option, select.options[1] || null);
     });
     targetSelect.value = file.id;
@@ -193,4 +201,89 @@
     selection.removeAllRanges();
     selection.addRange(range);
   }
+})();
+
+/* New job: the form follows the teacher's task. A Hugging Face teacher (format hf) makes a text job:
+   the text-only fields appear, the image-only ones hide, and fields still at their image default take
+   the text default (the same values the server fills in for a text job left at its defaults). */
+(function () {
+  "use strict";
+  var form = document.getElementById("job-form");
+  var teacher = document.getElementById("f-teacher-file");
+  if (!form || !teacher) return;
+  var task = document.getElementById("f-task");
+  var train = document.getElementById("f-data-train");
+  var columns = document.getElementById("dataset-columns");
+
+  function fieldValue(block) {
+    var inputs = block.querySelectorAll("input, select, textarea");
+    if (block.classList.contains("field-checks")) {
+      return Array.prototype.filter.call(inputs, function (i) { return i.checked; }).map(function (i) { return i.value; });
+    }
+    var input = inputs[0];
+    if (!input) return null;
+    return input.type === "checkbox" ? input.checked : input.value;
+  }
+
+  function setFieldValue(block, value) {
+    var inputs = block.querySelectorAll("input, select, textarea");
+    if (block.classList.contains("field-checks")) {
+      inputs.forEach(function (i) { i.checked = value.indexOf(i.value) >= 0; });
+      return;
+    }
+    var input = inputs[0];
+    if (!input) return;
+    if (input.type === "checkbox") input.checked = !!value; else input.value = value;
+    input.dispatchEvent(new Event("change", { bubbles: true }));
+  }
+
+  function same(a, b) { return JSON.stringify(a) === JSON.stringify(b); }
+
+  function currentTask() {
+    var option = teacher.options[teacher.selectedIndex];
+    if (option && option.getAttribute("data-format") === "hf") return "text_classification";
+    if (task && task.value && task.value !== "auto") return task.value;
+    return "image_classification";
+  }
+
+  var shown = null;
+  function applyTask() {
+    var chosen = currentTask();
+    if (task && chosen === "text_classification" && task.value === "image_classification") task.value = "auto";
+    form.querySelectorAll("[data-only]").forEach(function (block) {
+      block.hidden = block.getAttribute("data-only") !== chosen;
+    });
+    if (shown !== null && shown !== chosen) {
+      form.querySelectorAll("[data-text-default]").forEach(function (block) {
+        var text = JSON.parse(block.getAttribute("data-text-default"));
+        var image = JSON.parse(block.getAttribute("data-image-default"));
+        var from = chosen === "text_classification" ? image : text;
+        var to = chosen === "text_classification" ? text : image;
+        if (same(fieldValue(block), from)) setFieldValue(block, to);
+      });
+    }
+    shown = chosen;
+  }
+
+  function listColumns() {
+    if (!columns || !train) return;
+    var option = train.options[train.selectedIndex];
+    var names = option ? JSON.parse(option.getAttribute("data-columns") || "[]") : [];
+    columns.innerHTML = "";
+    names.forEach(function (name) {
+      var item = document.createElement("option");
+      item.value = name;
+      columns.appendChild(item);
+    });
+  }
+
+  // The first rendering already holds the values the server chose (a resubmitted text job keeps its own).
+  shown = currentTask();
+  form.querySelectorAll("[data-only]").forEach(function (block) {
+    block.hidden = block.getAttribute("data-only") !== shown;
+  });
+  teacher.addEventListener("change", applyTask);
+  if (task) task.addEventListener("change", applyTask);
+  if (train) train.addEventListener("change", listColumns);
+  listColumns();
 })();
