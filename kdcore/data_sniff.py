@@ -54,6 +54,9 @@ class DatasetInfo(BaseModel):
     train_class_counts: list[int] | None = Field(default=None, description="Training samples per class.")
     test_class_counts: list[int] | None = Field(default=None, description="Test samples per class.")
     ignored_files: int = Field(default=0, description="ImageFolder members skipped: not images, or OS clutter.")
+    decoded_bytes: int | None = Field(
+        default=None, description="ImageFolder: bytes all images take decoded at their own size (from their headers)."
+    )
 
 
 # --------------------------------------------------------------------------------------------- npz
@@ -426,11 +429,28 @@ def is_gray(image: Any) -> bool:
     return bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
 
 
-def _imagefolder_info(zf: zipfile.ZipFile, listing: ImageFolderListing, limits: ArchiveLimits) -> DatasetInfo:
-    first = listing.train[0][0]
-    image = open_image(read_member(zf, first), first.filename, max_pixels=limits.max_image_pixels)
+def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ArchiveLimits) -> tuple[int, int, bool]:
+    """(width, height, gray) from an image's header: PIL reads a few bytes of the member, decodes none."""
+    try:
+        with zf.open(info) as stream:
+            header = stream.read(64 * 1024)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise BadInputError(f"archive member {info.filename!r} cannot be read: {exc}") from None
+    try:
+        image = open_image(header, info.filename, max_pixels=limits.max_image_pixels)
+    except BadInputError:
+        # A header past the first 64 KiB (large EXIF blocks): read the member whole.
+        image = open_image(read_member(zf, info), info.filename, max_pixels=limits.max_image_pixels)
     width, height = image.size
-    gray = is_gray(image)
+    return width, height, is_gray(image)
+
+
+def _imagefolder_info(zf: zipfile.ZipFile, listing: ImageFolderListing, limits: ArchiveLimits) -> DatasetInfo:
+    # Every image's header, not only the first one's: the decoded size is what a job would hold.
+    headers = [_header(zf, info, limits) for info, _ in [*listing.train, *(listing.test or [])]]
+    width, height, gray = headers[0]
+    any_colour = not all(h[2] for h in headers)
+    decoded = sum(w * h * (3 if any_colour else 1) for w, h, _ in headers)
     num_classes = len(listing.class_names)
 
     def counts(items: list[tuple[zipfile.ZipInfo, int]]) -> list[int]:
@@ -449,6 +469,7 @@ def _imagefolder_info(zf: zipfile.ZipFile, listing: ImageFolderListing, limits: 
         train_class_counts=counts(listing.train),
         test_class_counts=counts(listing.test) if listing.test is not None else None,
         ignored_files=listing.ignored,
+        decoded_bytes=decoded,
     )
 
 
@@ -466,7 +487,7 @@ def detect_kind(infos: Iterable[zipfile.ZipInfo]) -> Kind:
 def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> DatasetInfo:
     """Describe a dataset file (npz or ImageFolder zip) or raise BadInputError saying what is wrong."""
     limits = limits or DEFAULT_LIMITS
-    with open_zip(path, what="dataset") as zf:
+    with open_zip(path, what="dataset", limits=limits) as zf:
         infos = check_zip(zf, limits)
         if detect_kind(infos) == "npz":
             return _npz_info(inspect_npz(zf, infos))
