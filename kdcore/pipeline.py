@@ -34,7 +34,7 @@ from kdcore.evaluate import (
     size_mb,
 )
 from kdcore.inference import predict_logits
-from kdcore.limits import DEFAULT_RESOURCE_LIMITS, ResourceLimits
+from kdcore.limits import ResourceLimits
 from kdcore.losses import build_distill_loss, cross_entropy_loss
 from kdcore.mixup import build_mixup
 from kdcore.models import build_model
@@ -67,7 +67,7 @@ class RunOptions:
     progress_interval_s: float = 1.0
     latency_runs: int = 50
     keep_checkpoint: bool = False
-    limits: ResourceLimits = DEFAULT_RESOURCE_LIMITS
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
 
     @property
     def checkpoints(self) -> Path:
