@@ -278,7 +278,9 @@ def _settle_failure(job_run: JobRun, exc: Exception) -> Outcome:
         return _finish(job_run, JobState.FAILED, flags.failure[0], flags.failure[1], remove_checkpoints=True)
     if isinstance(exc, QuotaExceededError):
         return _finish(job_run, JobState.FAILED, exc.code, str(exc), remove_checkpoints=True)
-    if job_run.memory_limited and (isinstance(exc, MemoryError) or _is_out_of_memory(exc)):
+    if job_run.memory_limited and (
+        isinstance(exc, MemoryError) or _is_out_of_memory(exc) or "can't allocate memory" in str(exc)
+    ):
         # The operator's limit, not a sick machine: running it again would fail the same way.
         message = memory_limit_message(job_run.settings, exc)
         logger.info("job failed [resource_limit]: %s", message)
