@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
@@ -24,7 +24,7 @@ from service.db import create_db_engine, create_session_factory
 from service.errors import ServiceError
 from service.ids import new_id
 from service.jobs import submit_job
-from service.models import ACTIVE_STATES, FilePurpose, Job, UploadReservation
+from service.models import ACTIVE_STATES, FilePurpose, Job, UploadReservation, User
 from service.settings import Settings
 from service.storage import Storage
 from tests.api import factories
@@ -44,7 +44,12 @@ def real_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionm
         url = f"sqlite:///{tmp_path / 'race.db'}"
         shutil.copyfile(request.getfixturevalue("sqlite_template"), tmp_path / "race.db")
     engine = create_db_engine(url)
-    yield create_session_factory(engine)
+    factory = create_session_factory(engine)
+    yield factory
+    # The shared PostgreSQL test database must not keep these rows (other tests count all jobs).
+    with factory() as session:
+        session.execute(delete(User).where(User.name.like("race-%")))
+        session.commit()
     engine.dispose()
 
 
@@ -72,7 +77,7 @@ def test_parallel_uploads_cannot_exceed_the_quota(real_db: sessionmaker[Session]
     # The race: three 25 MB uploads against a 60 MB quota stored 68 MB.
     settings = Settings(data_dir=tmp_path, user_quota_bytes=60 * MB, max_upload_bytes=30 * MB, environment="test")
     with real_db() as session:
-        owner, _key = users.create_user(session=session, name=new_id("name"))
+        owner, _key = users.create_user(session=session, name=f"race-{new_id('name')}")
 
     def reserve(_i: int) -> int:
         with real_db() as session:
@@ -95,7 +100,7 @@ def test_parallel_submissions_respect_the_job_limit(real_db: sessionmaker[Sessio
     settings = Settings(data_dir=tmp_path, max_concurrent_jobs=4, environment="test", broker_url="memory://")
     storage = Storage(settings.storage_url)
     with real_db() as session:
-        owner, _key = users.create_user(session=session, name=new_id("name"))
+        owner, _key = users.create_user(session=session, name=f"race-{new_id('name')}")
         teacher = factories.make_file(session, storage, owner, FilePurpose.TEACHER)
         train = factories.make_file(session, storage, owner, FilePurpose.DATASET)
     spec = parse_spec(factories.spec_for(teacher, train))
