@@ -100,6 +100,11 @@ def install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
         return error_response(422, "invalid_request", message, field=first["field"], details=details)
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_request: Request, _exc: RecursionError) -> JSONResponse:
+        # JSON nested thousands deep (a body or a file's header): a malformed input, not a server fault.
+        return error_response(422, "invalid_request", "the input nests too deeply to be valid", field="body")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http_error")

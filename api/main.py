@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import current_user, reject_unknown_query
 from api.errors import install_error_handlers
+from api.limits import BodyLimitMiddleware, RateLimiter
 from api.observability import Metrics, ObservabilityMiddleware
 from api.routers import architectures, artifacts, errors, files, health, jobs
 from api.web import mount_web
@@ -81,6 +82,7 @@ def create_app(
     app.state.storage = storage or Storage.from_settings(settings)
     app.state.metrics = Metrics(session_factory)
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds)
+    app.state.rate_limiter = RateLimiter(settings)
     app.state.schema_revision = ScriptDirectory.from_config(alembic_config(settings.database_url)).get_current_head()
 
     install_error_handlers(app)
@@ -92,6 +94,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
             expose_headers=["Location", "X-Request-ID", "X-Checksum-Sha256"],
         )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_spec_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
 
     app.include_router(health.router)

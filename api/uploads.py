@@ -23,7 +23,7 @@ from streaming_form_data import StreamingFormDataParser
 from streaming_form_data.parser import ParseFailedException
 from streaming_form_data.targets import BaseTarget
 
-from service import files
+from service import files, quota
 from service.errors import ServiceError
 from service.ids import new_id
 from service.keys import upload_key
@@ -92,16 +92,32 @@ async def receive_file(
 
     Raises ServiceError (400/413/422); nothing is kept of a refused upload.
     """
-    used = await run_in_threadpool(files.used_bytes, session=session, owner_id=owner_id)
-    room = settings.user_quota_bytes - used
-    limit = min(settings.max_upload_bytes, room)
-    declared = int(request.headers.get("content-length") or 0)
-    if room <= 0 or declared > room + MULTIPART_OVERHEAD:
-        raise files.quota_exceeded(settings)
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise ServiceError(400, "bad_request", "the Content-Length header is not a number") from None
     if declared > settings.max_upload_bytes + MULTIPART_OVERHEAD:
         raise files.file_too_large(settings)
-
     file_id = new_id("file")
+    # The bytes are reserved before the body streams, so parallel uploads cannot all fit one quota.
+    limit = await run_in_threadpool(
+        quota.reserve_upload, session=session, settings=settings, owner_id=owner_id, file_id=file_id,
+        declared=declared,
+    )
+    try:
+        return await _receive_reserved(
+            request, owner_id=owner_id, session=session, settings=settings, storage=storage, file_id=file_id,
+            limit=limit,
+        )
+    except BaseException:
+        await run_in_threadpool(quota.release_upload, session=session, file_id=file_id)
+        raise
+
+
+async def _receive_reserved(
+    request: Request, *, owner_id: str, session: Session, settings: Settings, storage: Storage, file_id: str,
+    limit: int,
+) -> File:
     try:
         upload = await receive_upload(request, storage=storage, key=upload_key(owner_id, file_id), max_bytes=limit)
     except ObjectTooLargeError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import stat
+import struct
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -52,13 +53,66 @@ class ArchiveLimits(BaseModel):
     max_image_pixels: int = Field(
         default=4096 * 4096, ge=1, description="Most pixels in one decoded image (image files compress too)."
     )
+    max_decoded_bytes: int = Field(
+        default=4 * GiB, ge=1, description="Most bytes a dataset's samples may take decoded (and resized) in memory."
+    )
+    max_central_directory_bytes: int = Field(
+        default=64 * MiB, ge=22, description="Largest central directory, checked before it is parsed."
+    )
 
 
 DEFAULT_LIMITS = ArchiveLimits()
 
 
-def open_zip(path: str | Path, *, what: str = "file") -> zipfile.ZipFile:
-    """Open `path` as a zip, turning "not a zip" into a BadInputError the user can act on."""
+_EOCD = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_EOCD_SEARCH = _EOCD.size + 0xFFFF  # the record, then a comment of at most 64 KiB
+
+
+def check_central_directory(path: str | Path, limits: ArchiveLimits, *, what: str = "file") -> None:
+    """Refuse a zip whose end-of-central-directory record declares too many entries or too big a directory.
+
+    `zipfile.ZipFile` reads and parses the whole central directory when it opens a file, so a
+    300,000-entry zip would cost hundreds of megabytes before `check_zip` could count them; the
+    record at the end of the file says both numbers in a few bytes. A file without the record is
+    left to `zipfile` to refuse.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, 2)
+            start = max(0, size - _EOCD_SEARCH)
+            handle.seek(start)
+            tail = handle.read()
+            at = tail.rfind(b"PK\x05\x06")
+            if at < 0 or at + _EOCD.size > len(tail):
+                return
+            _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, at)
+            locator_at = at - _ZIP64_LOCATOR.size
+            if (entries == 0xFFFF or cd_size == 0xFFFFFFFF) and locator_at >= 0:
+                signature, _, record_offset, _ = _ZIP64_LOCATOR.unpack_from(tail, locator_at)
+                if signature == b"PK\x06\x07" and record_offset + _ZIP64_EOCD.size <= size:
+                    handle.seek(record_offset)
+                    record = handle.read(_ZIP64_EOCD.size)
+                    if record[:4] == b"PK\x06\x06":
+                        _, _, _, _, _, _, _, entries, cd_size, _ = _ZIP64_EOCD.unpack(record)
+    except OSError as exc:
+        raise BadInputError(f"cannot read {what}: {exc.strerror or exc}") from None
+    if entries > limits.max_members:
+        raise BadInputError(f"{what} is a zip of {entries} members, more than the limit of {limits.max_members}")
+    if cd_size > limits.max_central_directory_bytes:
+        raise BadInputError(
+            f"{what} has a zip directory of {cd_size} bytes, more than the limit of "
+            f"{limits.max_central_directory_bytes}"
+        )
+
+
+def open_zip(path: str | Path, *, what: str = "file", limits: ArchiveLimits | None = None) -> zipfile.ZipFile:
+    """Open `path` as a zip, turning "not a zip" into a BadInputError the user can act on.
+
+    The directory's declared size is checked first (`check_central_directory`).
+    """
+    check_central_directory(path, limits or DEFAULT_LIMITS, what=what)
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:

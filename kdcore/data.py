@@ -43,9 +43,11 @@ from kdcore.data_sniff import (
     x_layout,
 )
 from kdcore.errors import BadInputError, MismatchError
+from kdcore.limits import ResourceLimitError
 from kdcore.spec import DataSpec
 
 _DECODE_CHUNK = 512  # images read from the zip per batch handed to the decoding threads
+_RESIZE_CHUNK_BYTES = 64 * 2**20  # float32 working set of one resize step
 
 
 @dataclass
@@ -151,8 +153,24 @@ def _read_x(zf: zipfile.ZipFile, header: NpyHeader) -> torch.Tensor:
     return tensor
 
 
-def _load_npz(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> _Loaded:
+def _check_decoded(nbytes: int, limits: ArchiveLimits, what: str, advice: str) -> None:
+    if nbytes > limits.max_decoded_bytes:
+        raise ResourceLimitError(
+            f"{what} take {nbytes:,} bytes in memory, more than the limit of {limits.max_decoded_bytes:,} "
+            f"(max_dataset_bytes, set by DISTILLERY_MAX_DATASET_BYTES); {advice}",
+            field="data.train",
+        )
+
+
+def _npz_bytes(header: NpyHeader) -> int:
+    # Everything but uint8 becomes float32 (`_to_tensor`).
+    return header.count * (1 if header.dtype == np.uint8 else 4)
+
+
+def _load_npz(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: ArchiveLimits = DEFAULT_LIMITS) -> _Loaded:
     contents = inspect_npz(zf, infos)
+    splits = [s.x for s in (contents.train, contents.test) if s is not None]
+    _check_decoded(sum(_npz_bytes(x) for x in splits), limits, "the npz samples", "use fewer samples")
     train = ArrayDataset(_read_x(zf, contents.train.x), torch.from_numpy(contents.train.y))
     test = None
     if contents.test is not None:
@@ -224,11 +242,16 @@ def _decode_all(
     # The zip is read in this thread (ZipFile is not meant for concurrent reads); PIL decodes in threads.
     workers = max(1, min(8, os.cpu_count() or 1))
     decoded: list[np.ndarray] = []
-    total = 0
+    total = projected = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(items), _DECODE_CHUNK):
             chunk = [info for info, _ in items[start : start + _DECODE_CHUNK]]
             blobs = [read_member(zf, info) for info in chunk]
+            # Counted from each image's header before any pixel is decoded (or resized up).
+            for blob, info in zip(blobs, chunk, strict=True):
+                projected += _decoded_size(blob, info.filename, size=size, mode=mode, limits=limits)
+                _check_decoded(projected, limits, f"the images up to {info.filename!r}",
+                               "use fewer or smaller images, or set data.image_size to a smaller size")
             arrays = list(
                 pool.map(
                     lambda blob, info: _decode(
@@ -241,12 +264,20 @@ def _decode_all(
             decoded.extend(arrays)
             # Images compress well, so the zip's own size limits do not bound the decoded pixels.
             total += sum(a.nbytes for a in arrays)
-            if total > limits.max_total_bytes:
+            if total > limits.max_decoded_bytes:
                 raise BadInputError(
-                    f"the images decode to more than {limits.max_total_bytes} bytes (limit reached at "
+                    f"the images decode to more than {limits.max_decoded_bytes} bytes (limit reached at "
                     f"{chunk[-1].filename!r}); set data.image_size to a smaller size"
                 )
     return decoded
+
+
+def _decoded_size(blob: bytes, name: str, *, size: int | None, mode: str | None, limits: ArchiveLimits) -> int:
+    """Bytes one image will take once decoded (and resized), from its header alone."""
+    image = open_image(blob, name, max_pixels=limits.max_image_pixels)
+    width, height = (size, size) if size is not None else image.size
+    channels = 1 if (mode or ("L" if is_gray(image) else "RGB")) == "L" else 3
+    return int(width) * int(height) * channels
 
 
 def _stack_images(
@@ -261,10 +292,10 @@ def _stack_images(
                 "; set data.image_size to resize them all"
             )
     total = len(arrays) * channels * height * width
-    if total > limits.max_total_bytes:
+    if total > limits.max_decoded_bytes:
         raise BadInputError(
             f"{len(arrays)} images of {width}x{height}x{channels} take {total} bytes, more than the limit of "
-            f"{limits.max_total_bytes}; set data.image_size to a smaller size"
+            f"{limits.max_decoded_bytes}; set data.image_size to a smaller size"
         )
     out = np.empty((len(arrays), height, width, channels), dtype=np.uint8)
     for i, array in enumerate(arrays):
@@ -314,20 +345,23 @@ def _load_imagefolder(
 
 
 def _load_train_file(path: Path, spec: DataSpec, limits: ArchiveLimits) -> _Loaded:
-    with open_zip(path, what="data.train") as zf:
+    with open_zip(path, what="data.train", limits=limits) as zf:
         infos = check_zip(zf, limits)
         if detect_kind(infos) == "npz":
-            loaded = _load_npz(zf, infos)
+            loaded = _load_npz(zf, infos, limits)
         else:
             loaded = _load_imagefolder(zf, list_imagefolder(infos), size=spec.image_size, channels=None, limits=limits)
     if loaded.kind == "npz" and spec.image_size is not None:
+        resized = [d for d in (loaded.train, loaded.test) if d is not None]
+        _check_decoded(sum(_resized_bytes(d, spec.image_size) for d in resized), limits,
+                       f"the samples resized to data.image_size {spec.image_size}", "choose a smaller image size")
         loaded.train = _resize_dataset(loaded.train, spec.image_size)
         loaded.test = _resize_dataset(loaded.test, spec.image_size) if loaded.test is not None else None
     return loaded
 
 
 def _load_test_file(path: Path, spec: DataSpec, limits: ArchiveLimits, train: ArrayDataset) -> _Loaded:
-    with open_zip(path, what="data.test") as zf:
+    with open_zip(path, what="data.test", limits=limits) as zf:
         infos = check_zip(zf, limits)
         if detect_kind(infos) == "npz":
             loaded = _load_npz_test_file(zf, infos)
@@ -339,6 +373,8 @@ def _load_test_file(path: Path, spec: DataSpec, limits: ArchiveLimits, train: Ar
                 zf, listing, size=spec.image_size, channels=_image_channels(train), limits=limits
             )
     if loaded.kind == "npz" and spec.image_size is not None:
+        _check_decoded(_resized_bytes(loaded.train, spec.image_size), limits,
+                       f"the test samples resized to data.image_size {spec.image_size}", "choose a smaller image size")
         loaded.train = _resize_dataset(loaded.train, spec.image_size)
     return loaded
 
@@ -347,14 +383,24 @@ def _image_channels(dataset: ArrayDataset) -> int | None:
     return int(dataset.x.shape[1]) if dataset.x.ndim == 4 and dataset.x.shape[1] in (1, 3) else None
 
 
+def _resized_bytes(dataset: ArrayDataset, size: int) -> int:
+    x = dataset.x
+    if x.ndim != 4:
+        return int(x.nelement() * x.element_size())
+    return int(x.shape[0] * x.shape[1] * size * size * x.element_size())
+
+
 def _resize_dataset(dataset: ArrayDataset, size: int) -> ArrayDataset:
     """npz images resized like ImageFolder ones (bilinear, antialiased): USPS 16x16 for a 28x28 teacher."""
     x = dataset.x
     if x.ndim != 4 or tuple(x.shape[2:]) == (size, size):
         return dataset
+    # The float32 working set of a step is bounded in bytes, whatever the sizes in and out.
+    per_image = 4 * int(x.shape[1]) * max(size * size, int(x.shape[2]) * int(x.shape[3]))
+    step = max(1, _RESIZE_CHUNK_BYTES // per_image)
     chunks = []
-    for start in range(0, x.shape[0], 4096):
-        part = x[start : start + 4096].to(torch.float32)
+    for start in range(0, x.shape[0], step):
+        part = x[start : start + step].to(torch.float32)
         part = F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if x.dtype == torch.uint8:
             part = part.round_().clamp_(0, 255).to(torch.uint8)

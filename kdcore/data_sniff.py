@@ -55,6 +55,9 @@ class DatasetInfo(BaseModel):
     train_class_counts: list[int] | None = Field(default=None, description="Training samples per class.")
     test_class_counts: list[int] | None = Field(default=None, description="Test samples per class.")
     ignored_files: int = Field(default=0, description="ImageFolder members skipped: not images, or OS clutter.")
+    decoded_bytes: int | None = Field(
+        default=None, description="ImageFolder: bytes all images take decoded at their own size (from their headers)."
+    )
 
 
 # --------------------------------------------------------------------------------------------- npz
@@ -427,11 +430,28 @@ def is_gray(image: Any) -> bool:
     return bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
 
 
-def _imagefolder_info(zf: zipfile.ZipFile, listing: ImageFolderListing, limits: ArchiveLimits) -> DatasetInfo:
-    first = listing.train[0][0]
-    image = open_image(read_member(zf, first), first.filename, max_pixels=limits.max_image_pixels)
+def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ArchiveLimits) -> tuple[int, int, bool]:
+    """(width, height, gray) from an image's header: PIL reads a few bytes of the member, decodes none."""
+    try:
+        with zf.open(info) as stream:
+            header = stream.read(64 * 1024)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise BadInputError(f"archive member {info.filename!r} cannot be read: {exc}") from None
+    try:
+        image = open_image(header, info.filename, max_pixels=limits.max_image_pixels)
+    except BadInputError:
+        # A header past the first 64 KiB (large EXIF blocks): read the member whole.
+        image = open_image(read_member(zf, info), info.filename, max_pixels=limits.max_image_pixels)
     width, height = image.size
-    gray = is_gray(image)
+    return width, height, is_gray(image)
+
+
+def _imagefolder_info(zf: zipfile.ZipFile, listing: ImageFolderListing, limits: ArchiveLimits) -> DatasetInfo:
+    # Every image's header, not only the first one's: the decoded size is what a job would hold.
+    headers = [_header(zf, info, limits) for info, _ in [*listing.train, *(listing.test or [])]]
+    width, height, gray = headers[0]
+    any_colour = not all(h[2] for h in headers)
+    decoded = sum(w * h * (3 if any_colour else 1) for w, h, _ in headers)
     num_classes = len(listing.class_names)
 
     def counts(items: list[tuple[zipfile.ZipInfo, int]]) -> list[int]:
@@ -450,6 +470,7 @@ def _imagefolder_info(zf: zipfile.ZipFile, listing: ImageFolderListing, limits: 
         train_class_counts=counts(listing.train),
         test_class_counts=counts(listing.test) if listing.test is not None else None,
         ignored_files=listing.ignored,
+        decoded_bytes=decoded,
     )
 
 
@@ -475,7 +496,7 @@ def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> D
             raise BadInputError("not a dataset: not a zip archive (.npz or ImageFolder .zip) and not UTF-8 text "
                                 "rows (.jsonl, or .csv/.tsv with a header line)")
         return sniff_text(path, text_format)
-    with open_zip(path, what="dataset") as zf:
+    with open_zip(path, what="dataset", limits=limits) as zf:
         infos = check_zip(zf, limits)
         if detect_kind(infos) == "npz":
             return _npz_info(inspect_npz(zf, infos))

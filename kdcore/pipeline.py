@@ -20,6 +20,7 @@ from torch import nn
 from kdcore import export as exporting
 from kdcore import report
 from kdcore.augment import augment_is_random, build_augment, check_augment_fits
+from kdcore.budget import check_student_budget
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.data import DataBundle, check_labels_fit, load_data
@@ -34,6 +35,7 @@ from kdcore.evaluate import (
     size_mb,
 )
 from kdcore.inference import predict_logits
+from kdcore.limits import ResourceLimits
 from kdcore.losses import build_distill_loss, cross_entropy_loss
 from kdcore.mixup import build_mixup
 from kdcore.models import build_model
@@ -68,6 +70,7 @@ class RunOptions:
     progress_interval_s: float = 1.0
     latency_runs: int = 50
     keep_checkpoint: bool = False
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
 
     @property
     def checkpoints(self) -> Path:
@@ -115,10 +118,16 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     # check: load everything and run one batch through the teacher, so bad input fails in seconds.
     announce(callbacks, "check")
     seed_everything(spec.seed)
+    limits = options.limits
     data = _with_teacher_classes(load_data(spec.data, train_path=inputs.train, test_path=inputs.test,
-                                           seed=spec.seed), sniff_teacher(inputs.teacher))
+                                           seed=spec.seed, limits=limits.archive),
+                                 sniff_teacher(inputs.teacher, archive_limits=limits.archive))
+    # Before the teacher or the student take any memory: their sizes are known from shapes alone.
+    check_student_budget(spec.student.arch, spec.student.arch_args, data.input_shape, data.num_classes,
+                         spec.batch_size, limits)
     teacher = load_teacher(spec.teacher, inputs.teacher, input_shape=data.input_shape, num_classes=data.num_classes,
-                           allow_code=options.allow_code_teachers, device=runtime.device)
+                           allow_code=options.allow_code_teachers, device=runtime.device,
+                           onnx_arena_bytes=limits.onnx_arena_bytes)
     check_augment_fits(spec.data.augment, data.input_shape)
     preprocess = data.preprocess.to(runtime.device)
     check_teacher_fits(teacher, preprocess(data.train.x[:4].to(runtime.device)), data.num_classes)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kdcore.errors import BadInputError, KDError, MismatchError, UnsafeFormatError
+from kdcore.limits import ResourceLimitError
 from kdcore.models import build_model
 from kdcore.spec import TeacherSpec
 from kdcore.teacher_sniff import ALLOW_CODE_SETTING, DEFAULT_MAX_BYTES, TeacherInfo, sniff_teacher
@@ -63,6 +64,7 @@ def load_teacher(
     allow_code: bool = False,
     device: str | torch.device = "cpu",
     max_bytes: int = DEFAULT_MAX_BYTES,
+    onnx_arena_bytes: int | None = None,
 ) -> Teacher:
     """Load the teacher file at `path` as `spec` describes, for samples of `input_shape` and `num_classes`.
 
@@ -81,7 +83,7 @@ def load_teacher(
         module = _build_and_load(spec, info.format, state, input_shape, num_classes)
         return Teacher(module.to(target), info.format, True, spec.arch, info, target)
     if info.format == "onnx":
-        return Teacher(_load_onnx(path, target), "onnx", False, spec.arch, info, target)
+        return Teacher(_load_onnx(path, target, onnx_arena_bytes), "onnx", False, spec.arch, info, target)
     _require_code_allowed(info.format, allow_code)
     if info.format == "torchscript":
         return Teacher(_load_torchscript(path).to(target), "torchscript", True, spec.arch, info, target)
@@ -268,14 +270,40 @@ class OnnxTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().to("cpu", torch.float32).contiguous().numpy().astype(self.input_dtype, copy=False)
-        (output,) = self.session.run([self.output_name], {self.input_name: array})
+        try:
+            (output,) = self.session.run([self.output_name], {self.input_name: array})
+        except Exception as exc:
+            if "bfc_arena" in str(exc) or "Available memory of" in str(exc):
+                raise ResourceLimitError(
+                    "the ONNX teacher asked onnxruntime for more memory than its arena limit "
+                    "(onnx_arena_bytes, set by DISTILLERY_ONNX_ARENA_BYTES); a teacher graph must not "
+                    f"build tensors that large: {_last_line(exc)}",
+                    field="teacher.file",
+                ) from None
+            raise
         return torch.from_numpy(np.asarray(output, dtype=np.float32)).to(x.device)
 
 
-def _load_onnx(path: Path, device: torch.device) -> nn.Module:
+def _limit_onnx_arena(ort: Any, options: Any, max_bytes: int) -> None:
+    """Make the session allocate from a CPU arena of at most `max_bytes`: a graph that asks for more
+    (a `ConstantOfShape` of 16 GiB) fails with an error instead of taking the machine's memory."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    # kSameAsRequested (1): the arena grows by what is asked, so max_mem is the bound, not a rounding of it.
+    config = ort.OrtArenaCfg(max_bytes, 1, -1, -1)
+    try:
+        ort.create_and_register_allocator(info, config)
+    except Exception as exc:  # one shared allocator per process: a second teacher reuses the first's
+        if "already" not in str(exc).lower():
+            raise
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
+def _load_onnx(path: Path, device: torch.device, arena_bytes: int | None = None) -> nn.Module:
     import onnxruntime as ort  # only ONNX teachers need it
 
     options = ort.SessionOptions()
+    if arena_bytes is not None:
+        _limit_onnx_arena(ort, options, arena_bytes)
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: shape-inference warnings are not the user's business

@@ -14,11 +14,13 @@ import json
 import re
 import struct
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, Field
 
+from kdcore.archive import DEFAULT_LIMITS, ArchiveLimits, check_central_directory
 from kdcore.errors import BadInputError
 from kdcore.hf_sniff import HfInfo, is_hf_folder, sniff_hf_zip
 
@@ -59,7 +61,9 @@ class TeacherInfo(BaseModel):
     hf: HfInfo | None = Field(default=None, description="Hugging Face model folders: what their config says.")
 
 
-def sniff_teacher(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> TeacherInfo:
+def sniff_teacher(
+    path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES, archive_limits: ArchiveLimits | None = None
+) -> TeacherInfo:
     """Detect a teacher file's format from its content; raise BadInputError when it is none we accept."""
     path = Path(path)
     size = _file_size(path)
@@ -73,7 +77,7 @@ def sniff_teacher(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Te
     if _looks_like_safetensors(head):
         return _sniff_safetensors(path, size, head)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return _sniff_torch_zip(path)
+        return _sniff_torch_zip(path, archive_limits or DEFAULT_LIMITS)
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         # A raw pickle (torch's legacy format, or pickle.dumps). Never unpickled here: the worker
         # loads it with weights_only=True, which refuses anything but tensors and containers.
@@ -113,6 +117,8 @@ def _sniff_safetensors(path: Path, size: int, head: bytes) -> TeacherInfo:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _corrupt_safetensors(f"header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _corrupt_safetensors("header nests too deeply to be a tensor index") from None
     if not isinstance(header, dict):
         raise _corrupt_safetensors("header is not a JSON object")
     header.pop("__metadata__", None)
@@ -197,7 +203,7 @@ def _natural_key(name: str) -> list[tuple[int, int | str]]:
 # --- zip-based torch files -----------------------------------------------------------------------
 
 
-def _sniff_torch_zip(path: Path) -> TeacherInfo:
+def _sniff_torch_zip(path: Path, limits: ArchiveLimits) -> TeacherInfo:
     """Tell TorchScript, torch.export (.pt2) and torch.save archives apart by their entries.
 
     Every torch archive puts its records under one top folder (`<name>/...`); the markers, as
@@ -205,6 +211,11 @@ def _sniff_torch_zip(path: Path) -> TeacherInfo:
     `archive_format` record (containing "pt2") and serialized programs under `models/*.json`;
     a torch.save archive has `data.pkl` and neither of those.
     """
+    # The same directory limits as dataset zips: counted from the end record before zipfile parses it.
+    try:
+        check_central_directory(path, limits, what="the teacher file")
+    except BadInputError as exc:
+        raise BadInputError(exc.message, field=_FIELD) from None
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -212,6 +223,11 @@ def _sniff_torch_zip(path: Path) -> TeacherInfo:
                 return _hf_info(sniff_hf_zip(archive))
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise BadInputError(f"corrupt or truncated zip archive ({exc})", field=_FIELD) from None
+    if len(names) > limits.max_members:
+        raise BadInputError(
+            f"the teacher file is a zip of {len(names)} members, more than the limit of {limits.max_members}",
+            field=_FIELD,
+        )
     records = {_strip_top_folder(name) for name in names}
 
     if "constants.pkl" in records and any(record.startswith("code/") for record in records):
@@ -285,7 +301,7 @@ def _is_plausible_onnx(model: Any) -> bool:
 
 def _onnx_info(model: Any) -> TeacherInfo:
     graph = model.graph
-    if any(_uses_external_data(tensor) for tensor in graph.initializer):
+    if any(_uses_external_data(tensor) for tensor in _all_tensors(graph)):
         # External data would be read from paths the uploader chose: refuse rather than resolve them.
         raise BadInputError(
             "ONNX model keeps its weights in external data files; upload a single-file model", field=_FIELD
@@ -302,6 +318,30 @@ def _onnx_info(model: Any) -> TeacherInfo:
         format="onnx", output_size=output_size, input_shape=input_shape,
         num_tensors=len(graph.initializer), details=details,
     )
+
+
+def _all_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: initializers (dense and sparse), and those in node attributes
+    (`Constant` values, `ConstantOfShape` fills, ...), subgraphs (If, Loop, Scan) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield attribute.sparse_tensor.values
+                yield attribute.sparse_tensor.indices
+            for sparse in attribute.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
 
 
 def _uses_external_data(tensor: Any) -> bool:

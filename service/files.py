@@ -6,13 +6,14 @@ import logging
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
 from kdcore.errors import BadInputError
+from service import quota
 from service.errors import ServiceError
 from service.ids import is_id
-from service.models import ACTIVE_STATES, File, FilePurpose, Job, JobFile
+from service.models import ACTIVE_STATES, File, FilePurpose, Job, JobFile, UploadReservation
 from service.settings import Settings
 from service.storage import ObjectWriter, Storage
 
@@ -41,7 +42,7 @@ def get_file(*, session: Session, owner_id: str, file_id: str) -> File | None:
 
 
 def used_bytes(*, session: Session, owner_id: str) -> int:
-    return int(session.scalar(select(func.coalesce(func.sum(File.size), 0)).where(File.owner_id == owner_id)) or 0)
+    return quota.used_bytes(session=session, owner_id=owner_id)
 
 
 def delete_file(*, session: Session, storage: Storage, file: File) -> None:
@@ -89,10 +90,16 @@ def store_upload(
     name: str,
     info: dict[str, Any],
 ) -> File:
-    """Record a received, checked upload and make its bytes visible; the writer is discarded on any error."""
-    # Checked again here: two uploads racing past the early check must not both fit.
-    if used_bytes(session=session, owner_id=owner_id) + writer.size > settings.user_quota_bytes:
-        raise quota_exceeded(settings)
+    """Record a received, checked upload and make its bytes visible; the writer is discarded on any error.
+
+    Its reservation (made by `quota.reserve_upload`) becomes the file row in the same transaction.
+    """
+    quota.lock_owner(session, owner_id)
+    session.execute(delete(UploadReservation).where(UploadReservation.id == file_id))
+    used = quota.used_bytes(session=session, owner_id=owner_id, settings=settings)
+    if used + writer.size > settings.user_quota_bytes:  # only when the reservation lapsed meanwhile
+        session.rollback()
+        raise quota.quota_exceeded(settings, used)
     row = File(
         id=file_id,
         owner_id=owner_id,
@@ -114,13 +121,8 @@ def store_upload(
     return row
 
 
-def quota_exceeded(settings: Settings) -> ServiceError:
-    return ServiceError(
-        413,
-        "quota_exceeded",
-        f"your uploads would exceed your storage quota of {settings.user_quota_bytes} bytes; delete some files",
-        field="file",
-    )
+def quota_exceeded(settings: Settings, used: int | None = None) -> ServiceError:
+    return quota.quota_exceeded(settings, used)
 
 
 def file_too_large(settings: Settings) -> ServiceError:

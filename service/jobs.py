@@ -12,14 +12,26 @@ from sqlalchemy import Connection, Row, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from kdcore.architectures import MLPArgs
+from kdcore.archive import ArchiveLimits
+from kdcore.errors import KDError
+from kdcore.limits import (
+    ResourceLimits,
+    check_dataset_bytes,
+    check_parameters,
+    dataset_bytes,
+    mlp_parameters,
+    model_input_shape,
+)
 from kdcore.spec import JobSpec
 from service import keys, state
 from service.artifacts import delete_checkpoints
 from service.errors import ServiceError
 from service.files import resolve_file
 from service.ids import new_id
-from service.models import ACTIVE_STATES, FINISHED_STATES, File, FilePurpose, Job, JobFile, JobState, User
+from service.models import ACTIVE_STATES, FINISHED_STATES, File, FilePurpose, Job, JobFile, JobState
 from service.queue import enqueue_job
+from service.quota import lock_owner
 from service.settings import Settings
 from service.state import IllegalTransitionError
 from service.storage import Storage
@@ -49,9 +61,12 @@ def submit_job(
     digest = spec_digest(spec)
     if idempotency_key is not None and (earlier := _replay(session, owner_id, idempotency_key, digest)):
         return Submission(earlier, created=False)
+    check_spec_lists(spec.model_dump(mode="json"), settings.max_spec_list_length)
     inputs = _resolve_inputs(session=session, owner_id=owner_id, spec=spec)
     spec = resolve_spec(spec, inputs["teacher"])
     check_datasets(spec, inputs["teacher"], {role: inputs[role] for role in ("train", "test") if role in inputs})
+    check_resources(settings=settings, spec=spec, teacher=inputs["teacher"],
+                    datasets={role: inputs[role] for role in ("train", "test") if role in inputs})
     _check_teacher(
         settings=settings,
         spec=spec,
@@ -157,9 +172,55 @@ def _check_teacher(*, settings: Settings, spec: JobSpec, teacher: File, datasets
             )
 
 
+def check_spec_lists(value: Any, max_length: int, path: str = "") -> None:
+    """No list anywhere in a spec (arch_args included) longer than the operator's limit."""
+    if isinstance(value, list):
+        if len(value) > max_length:
+            raise ServiceError(
+                422, "invalid_spec",
+                f"has {len(value)} entries, more than the limit of {max_length} (DISTILLERY_MAX_SPEC_LIST_LENGTH)",
+                field=path or "spec",
+            )
+        for index, item in enumerate(value):
+            check_spec_lists(item, max_length, f"{path}.{index}" if path else str(index))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_spec_lists(item, max_length, f"{path}.{key}" if path else str(key))
+
+
+def resource_limits(settings: Settings) -> ResourceLimits:
+    """The engine's limits from the operator's settings (the worker passes the same to the engine)."""
+    return ResourceLimits(
+        archive=ArchiveLimits(
+            max_decoded_bytes=settings.max_dataset_bytes,
+            max_central_directory_bytes=settings.max_zip_central_directory_bytes,
+        ),
+        max_model_parameters=settings.max_model_parameters,
+        max_train_memory_bytes=settings.max_train_memory_bytes,
+        onnx_arena_bytes=settings.onnx_arena_bytes,
+    )
+
+
+def check_resources(*, settings: Settings, spec: JobSpec, teacher: File, datasets: dict[str, File]) -> None:
+    """What the sniffed files tell of a job's size, before it is queued; the worker checks the rest."""
+    limits = resource_limits(settings)
+    train = datasets["train"].info
+    try:
+        for role, dataset in datasets.items():
+            check_dataset_bytes(dataset_bytes(dataset.info, spec.data.image_size), limits, field=f"data.{role}")
+        num_classes = int(teacher.info.get("output_size") or train.get("num_classes") or 2)
+        input_shape = model_input_shape(train, spec.data.image_size)
+        if spec.student.arch == "mlp" and input_shape:
+            hidden = MLPArgs.model_validate(spec.student.arch_args).hidden
+            check_parameters(mlp_parameters(input_shape, num_classes, hidden), limits)
+    except KDError as exc:
+        raise ServiceError(422, exc.code, exc.message, field=exc.field) from None
+
+
 def _check_concurrency(*, session: Session, settings: Settings, owner_id: str) -> None:
-    # Lock the user's row (PostgreSQL) so two submissions cannot both squeeze under the limit.
-    session.execute(select(User.id).where(User.id == owner_id).with_for_update())
+    # One check of this user at a time, on PostgreSQL and SQLite alike: two submissions cannot
+    # both squeeze under the limit.
+    lock_owner(session, owner_id)
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
     )

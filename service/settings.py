@@ -110,6 +110,53 @@ class Settings(BaseSettings):
     latency_runs: int = Field(default=50, ge=1, description="Batch-1 CPU latency measurements per model.")
     work_dir: Path | None = Field(default=None, description="Scratch folder for running jobs (default: the temp dir).")
 
+    # Resource limits: what one job or one user may consume (docs/security.md lists them all).
+    max_dataset_bytes: int = Field(
+        default=4 * GIB, ge=1, description="Decoded (and resized) dataset bytes one job may hold in memory."
+    )
+    max_model_parameters: int = Field(
+        default=200_000_000, ge=1, description="Parameters of the student a job may build."
+    )
+    max_train_memory_bytes: int = Field(
+        default=12 * GIB, ge=1,
+        description="Estimated peak training memory of the student (weights, gradients, optimiser, activations).",
+    )
+    job_memory_bytes: int | None = Field(
+        default=20 * GIB, ge=2**28,
+        description="Data-segment limit (RLIMIT_DATA) of the process that runs a job; None: no limit.",
+    )
+    onnx_arena_bytes: int = Field(default=4 * GIB, ge=2**24, description="onnxruntime's memory arena limit.")
+    max_job_seconds: float = Field(
+        default=2 * DAY_S, gt=0, description="Wall-clock limit of one attempt at a job (the worker stops it)."
+    )
+    job_stall_seconds: float = Field(
+        default=1800.0, gt=0, description="A running job that reports no step or stage this long fails as stalled."
+    )
+    stop_grace_seconds: float = Field(
+        default=30.0, gt=0,
+        description="How long a job told to stop (shutdown, limit, stall) gets before its process is ended.",
+    )
+    max_job_threads: int | None = Field(
+        default=None, ge=1, description="Most torch threads a spec may ask for; default: the worker's share."
+    )
+    max_spec_bytes: int = Field(default=64 * 1024, ge=1024, description="Largest job spec (JSON body).")
+    max_spec_list_length: int = Field(default=256, ge=1, description="Longest list anywhere in a job spec.")
+    max_zip_central_directory_bytes: int = Field(
+        default=64 * 2**20, ge=1024, description="Largest zip central directory (read before any member)."
+    )
+    upload_reservation_seconds: float = Field(
+        default=3600.0, gt=0, description="A reservation of quota for an upload lapses after this (a crashed API)."
+    )
+    scratch_sweep_seconds: float = Field(
+        default=600.0, gt=0, description="How often a worker removes the scratch folders of jobs no longer running."
+    )
+    rate_limit_storage_url: str = Field(
+        default="memory://", description="Where rate-limit counters live (limits library URL, e.g. redis://...)."
+    )
+    rate_limit_uploads: str = Field(default="120/minute", description="Uploads per user.")
+    rate_limit_submissions: str = Field(default="120/minute", description="Job submissions per user.")
+    rate_limit_streams: str = Field(default="240/minute", description="Event streams opened per user.")
+
     @field_validator("data_dir")
     @classmethod
     def _expand_data_dir(cls, data_dir: Path) -> Path:

@@ -112,3 +112,18 @@ def authenticate(*, session: Session, plaintext: str, now: datetime | None = Non
 
 def get_user_by_name(*, session: Session, name: str) -> User | None:
     return session.scalar(select(User).where(User.name == name))
+
+
+def session_generation(*, session: Session, user_id: str) -> int:
+    """The generation a new browser session of `user_id` carries; older ones are ended."""
+    generation = session.scalar(select(User.session_generation).where(User.id == user_id))
+    session.commit()
+    return int(generation or 0)
+
+
+def end_web_sessions(*, session: Session, user_id: str) -> None:
+    """Sign out on the server: every browser session of the user made before now stops working."""
+    session.execute(
+        update(User).where(User.id == user_id).values(session_generation=User.session_generation + 1)
+    )
+    session.commit()

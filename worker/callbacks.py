@@ -28,16 +28,19 @@ class JobCallbacks(Callbacks):
         self.last_write = 0.0
         self.written_stage: str | None = None
 
-    # Called before every optimiser step: an Event read, nothing more.
+    # Called before every optimiser step: an Event read and a clock for the stall watchdog, nothing more.
     def should_cancel(self) -> bool:
+        self.job_run.flags.last_activity = time.monotonic()
         return self.stop.is_set()
 
     def on_stage_start(self, stage: str, epochs: int) -> None:
+        self.job_run.flags.last_activity = time.monotonic()
         self.written_stage = stage
         self.job_run.write(self._record(stage=stage), what="the stage")
 
     def on_progress(self, progress: Progress) -> None:
         now = time.monotonic()
+        self.job_run.flags.last_activity = now
         if progress.stage == self.written_stage and now - self.last_write < self.min_interval:
             return
         self._write_progress(progress, None)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from service.queue import TASK_NAME, broker_kind, set_polling_interval, transport_options
 from service.settings import Settings, get_settings
+from worker.process import mark_pool_child
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -56,7 +57,12 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     # The task module is light (no torch); the runner is imported in the child that runs a job.
     app.conf.include = ["worker.tasks"]
+    signals.worker_process_init.connect(_pool_child_started, weak=False)
     return app
+
+
+def _pool_child_started(**_kwargs: Any) -> None:
+    mark_pool_child()
 
 
 def __getattr__(name: str) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,9 +22,10 @@ from sqlalchemy.orm import Session
 
 from service import state
 from service.db import session_scope
-from service.models import FINISHED_STATES, Job
+from service.models import FINISHED_STATES, Job, JobState
+from service.state import IllegalTransitionError
 from worker.job_run import JobRun, StopFlags
-from worker.process import worker_stopping
+from worker.process import in_pool_child, worker_stopping
 
 logger = logging.getLogger("distillery.worker")
 
@@ -49,9 +51,10 @@ class Heartbeat:
     def _loop(self) -> None:
         settings, job_run, flags = self.job_run.settings, self.job_run, self.job_run.flags
         poll = min(settings.cancel_poll_seconds, settings.heartbeat_seconds)
-        renewed_at = time.monotonic()  # the claim set the first lease
+        renewed_at = started_at = time.monotonic()  # the claim set the first lease
         while not self._stopped.wait(poll):
             now = time.monotonic()
+            watch(job_run, now - started_at)
             try:
                 with session_scope(job_run.session_factory) as session:
                     if now - renewed_at >= settings.heartbeat_seconds:
@@ -75,6 +78,51 @@ class Heartbeat:
                     # Nobody can tell this worker still runs the job: the reaper may give it away.
                     flags.halt("the lease could not be renewed in time", lost=True)
                     return
+
+
+def watch(job_run: JobRun, running_s: float) -> None:
+    """The watchdog: a job over its wall-clock limit or without a step for too long is failed; one that
+    does not stop within `stop_grace_seconds` of being told to (a step that never ends) loses its
+    process, in a pool child, after its row says how it ended."""
+    settings, flags = job_run.settings, job_run.flags
+    now = time.monotonic()
+    if not flags.stop.is_set():
+        if running_s > settings.max_job_seconds:
+            flags.fail("resource_limit", "the job ran longer than its wall-clock limit of "
+                       f"{settings.max_job_seconds:.0f} s (max_job_seconds, set by DISTILLERY_MAX_JOB_SECONDS); "
+                       "use fewer epochs or less data")
+        elif now - flags.last_activity > settings.job_stall_seconds:
+            flags.fail("stalled", f"the job made no step for {settings.job_stall_seconds:.0f} s (job_stall_seconds, "
+                       "set by DISTILLERY_JOB_STALL_SECONDS); a student or data this slow needs a smaller size")
+        if flags.failure is not None:
+            logger.warning("%s; stopping at the next step", flags.failure[1])
+    elif flags.halted_at is not None and now - flags.halted_at > settings.stop_grace_seconds and in_pool_child():
+        _end_stuck_attempt(job_run)
+
+
+def _end_stuck_attempt(job_run: JobRun) -> None:
+    flags = job_run.flags
+    logger.error("the job did not stop within %.0f s of being told to (%s); ending its process",
+                 job_run.settings.stop_grace_seconds, flags.reason)
+
+    def change(session: Session) -> bool:
+        try:
+            if flags.failure is not None:
+                state.finish(session, job_run.job_id, job_run.worker_id, state=JobState.FAILED,
+                             error_code=flags.failure[0], error_message=flags.failure[1])
+            elif flags.cancel_requested:
+                state.finish(session, job_run.job_id, job_run.worker_id, state=JobState.CANCELLED,
+                             error_message="cancelled")
+            elif flags.shutdown:
+                return state.hand_back(session, job_run.job_id, job_run.worker_id, refund_attempt=True)
+        except IllegalTransitionError:
+            return False
+        return True
+
+    if not flags.lost:
+        job_run.write(change, what="the end of a stuck attempt")
+    # The pool sees its child gone; the message goes back and finds the job no longer queued.
+    os._exit(70)
 
 
 def _finished_by(session: Session, job_run: JobRun) -> bool:

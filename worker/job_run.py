@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -40,13 +41,24 @@ class StopFlags:
     shutdown: bool = False
     lost: bool = False
     reason: str = ""
+    failure: tuple[str, str] | None = None  # (code, message) when a limit or the watchdog ended the run
+    halted_at: float | None = None  # monotonic time of the first halt
+    # Monotonic time of the engine's last sign of life (a step, a stage, progress): the stall watchdog's clock.
+    last_activity: float = field(default_factory=time.monotonic)
 
     def halt(self, reason: str, *, cancel: bool = False, shutdown: bool = False, lost: bool = False) -> None:
         self.cancel_requested |= cancel
         self.shutdown |= shutdown
         self.lost |= lost
         self.reason = self.reason or reason
+        self.halted_at = self.halted_at or time.monotonic()
         self.stop.set()
+
+    def fail(self, code: str, message: str) -> None:
+        """Stop the run and fail the job with `code` (a resource limit, a stall): not retried."""
+        if self.failure is None:
+            self.failure = (code, message)
+        self.halt(message)
 
 
 @dataclass
@@ -62,6 +74,7 @@ class JobRun:
     settings: Settings
     session_factory: sessionmaker[Session]
     flags: StopFlags = field(default_factory=StopFlags)
+    memory_limited: bool = False  # the attempt runs under the operator's memory limit
 
     @cached_property
     def storage(self) -> Storage:

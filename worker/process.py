@@ -8,6 +8,7 @@ import mmap
 import signal
 
 _PR_SET_PDEATHSIG = 1
+_pool_child = False
 
 
 def die_with_parent() -> None:
@@ -29,3 +30,15 @@ def mark_worker_stopping() -> None:
 def worker_stopping() -> bool:
     """True once this process's worker (its Celery parent) began to shut down."""
     return _stopping[0] == 1
+
+
+def mark_pool_child() -> None:
+    """Called in each Celery pool child as it starts: it may end itself (a stuck job), and it is told
+    to stop (SIGTERM, then the grace period) when the worker that forked it dies, even by SIGKILL."""
+    global _pool_child
+    _pool_child = True
+    die_with_parent()
+
+
+def in_pool_child() -> bool:
+    return _pool_child

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from service.queue import broker_kind, enqueue_job, queue_sizes
 from service.settings import Settings
 from service.storage import Storage
 from worker.process import die_with_parent
+from worker.scratch import sweep_scratch
 
 logger = logging.getLogger("distillery.reaper")
 
@@ -128,6 +130,7 @@ class Reaper:
         self._engine: Engine | None = None
         self._broker_engine: Engine | None = None
         self._stopped = threading.Event()
+        self._next_sweep = 0.0
 
     def run_forever(self) -> None:
         # The first pass soon (a restarted service picks up its handed-back jobs at once), the
@@ -161,6 +164,10 @@ class Reaper:
             remove_checkpoints=lambda job_id: delete_checkpoints(self.storage, job_id),
         )
         self._purge_delivered_messages()
+        if time.monotonic() >= self._next_sweep:
+            # At start-up (the first pass) and every scratch_sweep_seconds after.
+            sweep_scratch(settings, create_session_factory(self._engine))
+            self._next_sweep = time.monotonic() + settings.scratch_sweep_seconds
         return report
 
     @cached_property

@@ -34,16 +34,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import state
 from service.artifacts import delete_checkpoints, record_artifact
 from service.db import create_db_engine, create_session_factory, session_scope
+from service.jobs import resource_limits
 from service.keys import CHECKPOINT_NAME
 from service.models import File, Job, JobFile, JobState
+from service.quota import QuotaExceededError, check_artifacts_fit
 from service.settings import Settings
 from service.state import IllegalTransitionError
 from service.storage import StorageError, StoredObject, check_key
 from worker.callbacks import JobCallbacks
 from worker.heartbeat import Heartbeat, stop_on_sigterm
 from worker.job_run import JobRun, Outcome
+from worker.limits import capped_threads, memory_limit, memory_limit_message
 from worker.logs import job_logging
-from worker.threads import job_threads
+from worker.scratch import attempt_prefix
 
 if TYPE_CHECKING:
     from kdcore.pipeline import JobInputs, RunResult
@@ -122,14 +125,19 @@ def _attempt(job_run: JobRun) -> Outcome:
     scratch = job_run.settings.work_dir
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"distillery-{job_run.job_id}-", dir=scratch) as work:
+    device = str(job_run.spec.get("device") or "auto")
+    with (
+        tempfile.TemporaryDirectory(prefix=attempt_prefix(job_run.job_id), dir=scratch) as work,
+        memory_limit(job_run.settings.job_memory_bytes, device=device) as limited,
+    ):
+        job_run.memory_limited = limited
         try:
             out_dir, result = _distill(job_run, Path(work))
             if job_run.flags.stop.is_set():
                 raise _Halted(job_run.flags.reason)
             return _succeed(job_run, out_dir, result)
         except Exception as exc:
-            return _settle_failure(job_run, exc)
+            return _settle_failure(job_run, _without_paths(exc, Path(work), job_run))
 
 
 # The run ------------------------------------------------------------------------------------
@@ -147,8 +155,8 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
         raise _Halted(job_run.flags.reason)
 
     spec = parse_spec(job_run.spec)
-    if spec.threads is None:
-        spec = spec.model_copy(update={"threads": job_threads(job_run.settings)})
+    # The operator's cap, not the spec, decides: 64 threads on a 2-core host starve everything else.
+    spec = spec.model_copy(update={"threads": capped_threads(job_run.settings, spec.threads)})
     options = RunOptions(
         out_dir=work / "out",
         checkpoint_dir=checkpoint_dir,
@@ -156,6 +164,7 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
         allow_code_teachers=job_run.settings.allow_code_teachers,
         progress_interval_s=min(1.0, job_run.settings.progress_write_seconds or 1.0),
         latency_runs=job_run.settings.latency_runs,
+        limits=resource_limits(job_run.settings),
     )
     callbacks = JobCallbacks(job_run)
     try:
@@ -233,6 +242,10 @@ def _succeed(job_run: JobRun, out_dir: Path, result: RunResult) -> Outcome:
         metrics = {k: v for k, v in result.metrics.items() if k not in METRICS_KEPT_OUT_OF_ROW}
         # The artifacts, the final metrics and the new state become visible together, or not at all.
         with session_scope(job_run.session_factory) as session:
+            owner_id = session.scalar(select(Job.owner_id).where(Job.id == job_run.job_id))
+            if owner_id is not None:  # artifacts count against the owner's quota, like uploads
+                check_artifacts_fit(session=session, settings=job_run.settings, owner_id=owner_id,
+                                    adding=sum(stored.size for _, stored in uploaded))
             if not state.record_progress(session, job_run.job_id, job_run.worker_id, metrics=metrics):
                 raise IllegalTransitionError(job_run.job_id, JobState.SUCCEEDED, None, code="not_job_holder")
             for name, stored in uploaded:
@@ -263,6 +276,18 @@ def _settle_failure(job_run: JobRun, exc: Exception) -> Outcome:
     if flags.lost:
         logger.warning("stopped: %s; the other holder carries on", flags.reason)
         return Outcome.LOST
+    if flags.failure is not None:
+        logger.info("job failed [%s]: %s", *flags.failure)
+        return _finish(job_run, JobState.FAILED, flags.failure[0], flags.failure[1], remove_checkpoints=True)
+    if isinstance(exc, QuotaExceededError):
+        return _finish(job_run, JobState.FAILED, exc.code, str(exc), remove_checkpoints=True)
+    if job_run.memory_limited and (
+        isinstance(exc, MemoryError) or _is_out_of_memory(exc) or "can't allocate memory" in str(exc)
+    ):
+        # The operator's limit, not a sick machine: running it again would fail the same way.
+        message = memory_limit_message(job_run.settings, exc)
+        logger.info("job failed [resource_limit]: %s", message)
+        return _finish(job_run, JobState.FAILED, "resource_limit", message, remove_checkpoints=True)
     if isinstance(exc, CancelledError | _Halted) or flags.stop.is_set():
         if flags.cancel_requested:
             return _finish(job_run, JobState.CANCELLED, None, f"cancelled: {exc}", remove_checkpoints=True)
@@ -285,6 +310,34 @@ def _settle_failure(job_run: JobRun, exc: Exception) -> Outcome:
             remove_checkpoints=True,
         )
     return _hand_back(job_run, Outcome.RETRY, f"attempt {job_run.attempt} failed [{code}]: {message}; retrying")
+
+
+def _without_paths(exc: Exception, work: Path, job_run: JobRun) -> Exception:
+    """The same error with the worker's scratch paths replaced by the user's own names for the files:
+    a message is shown to the user, the worker's folders are none of their business."""
+    names = {f"{work}/inputs/{role}{_suffix(entry[1])}": entry[1]
+             for role, entry in job_run.input_keys.items() if entry is not None}
+    text = str(exc)
+    for path, name in names.items():
+        text = text.replace(path, name)
+    if str(work) not in text:
+        return exc if text == str(exc) else _rewritten(exc, text)
+    return _rewritten(exc, text.replace(str(work), "<job folder>"))
+
+
+def _rewritten(exc: Exception, text: str) -> Exception:
+    from kdcore.errors import KDError
+
+    if isinstance(exc, KDError):
+        exc.message = text.removeprefix(f"{exc.field}: ") if exc.field else text
+        exc.args = (exc.message,)
+        return exc
+    try:
+        clean = type(exc)(text)
+    except Exception:
+        return RuntimeError(text)
+    clean.__cause__ = exc.__cause__
+    return clean
 
 
 def _infrastructure_error(exc: BaseException) -> tuple[str, str]:

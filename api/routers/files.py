@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from api.deps import CurrentUser, OwnedFile, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentUser, OwnedFile, SessionDep, SettingsDep, StorageDep, current_user
+from api.limits import rate_limited
 from api.routers import download_headers, errors
 from api.schemas import FileList, FileOut
 from api.uploads import receive_file
@@ -42,7 +43,8 @@ Limit = Annotated[int, Query(ge=1, le=200, description="Page size.")]
     response_model=FileOut,
     summary="Upload a teacher or a dataset",
     openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses=errors(400, 413, 422),
+    responses=errors(400, 413, 422, 429),
+    dependencies=[Depends(rate_limited("uploads", current_user))],
 )
 async def create_file(
     request: Request,

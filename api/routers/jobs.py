@@ -6,12 +6,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import CurrentUser, JobId, OwnedJob, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentUser, JobId, OwnedJob, SessionDep, SettingsDep, StorageDep, current_user
 from api.event_stream import follow_events
+from api.limits import rate_limited
 from api.routers import errors
 from api.schemas import JobList, JobOut
 from kdcore.spec import JobSpec
@@ -21,6 +22,7 @@ from service.errors import not_found
 from service.models import JobState
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT: a larger cursor cannot name an event
 
 SPEC_EXAMPLE = {
     "name": "mnist-mlp",
@@ -52,8 +54,9 @@ IdempotencyKey = Annotated[
             "model": JobOut,
             "description": "Replayed: the job an earlier request with this Idempotency-Key created.",
         },
-        **errors(400, 409, 422, 429),
+        **errors(400, 409, 413, 422, 429),
     },
+    dependencies=[Depends(rate_limited("submissions", current_user))],
 )
 def create_job(
     spec: Annotated[JobSpec, Body(openapi_examples={"mnist": {"summary": "MLP on MNIST", "value": SPEC_EXAMPLE}})],
@@ -118,16 +121,20 @@ def get_job(job_id: JobId, user: CurrentUser, request: Request) -> Response:
             "description": "`event:` state | progress | log | resume | cancel_requested; "
             "`id:` resumable with Last-Event-ID; `data:` JSON.",
         },
-        **errors(404, 422),
+        **errors(404, 422, 429),
     },
+    dependencies=[Depends(rate_limited("streams", current_user))],
 )
 async def stream_job_events(
     job: OwnedJob,
     request: Request,
     settings: SettingsDep,
-    last_event_id: Annotated[int | None, Header(ge=0, description="Resume after this event id.")] = None,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=MAX_EVENT_ID, description="Resume after this event id.")
+    ] = None,
     after: Annotated[
-        int | None, Query(ge=0, description="Same as Last-Event-ID, for clients that cannot set headers.")
+        int | None,
+        Query(ge=0, le=MAX_EVENT_ID, description="Same as Last-Event-ID, for clients that cannot set headers."),
     ] = None,
 ) -> EventSourceResponse:
     """Every event of the job's log after `Last-Event-ID`, then new ones as they happen; the stream ends

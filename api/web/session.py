@@ -75,10 +75,11 @@ class WebSession:
     user_id: str | None = None
     user_name: str | None = None
     key_id: str | None = None
+    generation: int = 0  # the user's session generation at sign-in; signing out moves it on
     fresh: bool = False  # made on this request: the response must set the cookie
 
     def payload(self) -> dict[str, Any]:
-        return {"c": self.csrf, "u": self.user_id, "n": self.user_name, "k": self.key_id}
+        return {"c": self.csrf, "u": self.user_id, "n": self.user_name, "k": self.key_id, "g": self.generation}
 
 
 class SessionCodec:
@@ -95,7 +96,9 @@ class SessionCodec:
             return None
         if not isinstance(data, dict) or not isinstance(data.get("c"), str):
             return None
-        return WebSession(csrf=data["c"], user_id=data.get("u"), user_name=data.get("n"), key_id=data.get("k"))
+        generation = data.get("g", 0)
+        return WebSession(csrf=data["c"], user_id=data.get("u"), user_name=data.get("n"), key_id=data.get("k"),
+                          generation=generation if isinstance(generation, int) else -1)
 
     def dump(self, web_session: WebSession) -> str:
         return self.serializer.dumps(web_session.payload())
@@ -134,9 +137,11 @@ def clear_session(request: Request, response: Response) -> None:
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="lax", secure=request.url.scheme == "https")
 
 
-def start_session(request: Request, response: Response, principal: Principal, key_id: str) -> WebSession:
+def start_session(
+    request: Request, response: Response, principal: Principal, key_id: str, *, generation: int = 0
+) -> WebSession:
     """Sign in: a new session (and a new CSRF token, so a token seen before sign-in is worthless)."""
-    web_session = WebSession(user_id=principal.id, user_name=principal.name, key_id=key_id)
+    web_session = WebSession(user_id=principal.id, user_name=principal.name, key_id=key_id, generation=generation)
     request.state.web_session = web_session
     write_session(request, response, web_session)
     return web_session
@@ -165,6 +170,8 @@ def _active_principal(session: Session, web_session: WebSession) -> Principal | 
         and api_key.user_id == web_session.user_id
         and api_key.revoked_at is None
         and api_key.user.disabled_at is None
+        # Signed out since (on any device): the cookie is still signed but no longer a session.
+        and api_key.user.session_generation == web_session.generation
     )
     session.commit()  # end the read transaction: SSE views keep the request open for long
     return Principal(id=api_key.user.id, name=api_key.user.name) if valid and api_key else None

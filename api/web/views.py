@@ -25,7 +25,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StorageDep, release_connection
 from api.event_stream import follow_events
+from api.limits import rate_limited
 from api.routers import download_headers
+from api.routers.jobs import MAX_EVENT_ID
 from api.schemas import ArtifactOut, FileOut, JobOut
 from api.uploads import receive_file
 from api.web import report
@@ -118,13 +120,17 @@ async def login(
         # 200, not 401: the browser shows the page either way, but would log an error for a 4xx document.
         return render(request, "login.html", {"next": _safe_next(next), "error": message})
     response = _redirect(_safe_next(next))
-    start_session(request, response, principal, parse_key(key) or "")
+    generation = await run_in_threadpool(users.session_generation, session=session, user_id=principal.id)
+    start_session(request, response, principal, parse_key(key) or "", generation=generation)
     return response
 
 
 @open_router.post("/web/logout", dependencies=[CsrfForm])
-async def logout(request: Request) -> RedirectResponse:
+async def logout(request: Request, session: SessionDep, user: OptionalWebUser) -> RedirectResponse:
     response = _redirect("/web/login")
+    if user is not None:
+        # Ended on the server, not only in this browser: a copy of the cookie is worthless now.
+        await run_in_threadpool(users.end_web_sessions, session=session, user_id=user.id)
     clear_session(request, response)
     return response
 
@@ -228,7 +234,8 @@ def _submit(session: Session, settings: Any, user: Principal, spec: JobSpec, ide
     return submission.job
 
 
-@router.post("/jobs", response_class=HTMLResponse, dependencies=[CsrfForm])
+@router.post("/jobs", response_class=HTMLResponse,
+             dependencies=[CsrfForm, Depends(rate_limited("submissions", web_user))])
 async def create_job(request: Request, user: WebUser, session: SessionDep, settings: SettingsDep) -> Response:
     form = spec_form()
     submitted = await request.form()
@@ -294,7 +301,8 @@ async def preview_spec(request: Request, user: WebUser) -> Response:
     return render(request, "_spec_preview.html", context)
 
 
-@router.post("/files", response_model=FileOut, status_code=201, dependencies=[CsrfHeader])
+@router.post("/files", response_model=FileOut, status_code=201,
+             dependencies=[CsrfHeader, Depends(rate_limited("uploads", web_user))])
 async def upload_file(
     request: Request,
     response: Response,
@@ -383,15 +391,15 @@ def download_artifact(job_id: str, name: str, user: WebUser, session: SessionDep
                              headers=headers)
 
 
-@router.get("/jobs/{job_id}/events")
+@router.get("/jobs/{job_id}/events", dependencies=[Depends(rate_limited("streams", web_user))])
 async def job_events(
     request: Request,
     job_id: str,
     user: WebUser,
     session: SessionDep,
     settings: SettingsDep,
-    after: Annotated[int | None, Query(ge=0, description="Send the events after this id.")] = None,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="Send the events after this id.")] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_EVENT_ID)] = None,
 ) -> EventSourceResponse:
     """The job's events as server-sent events, each with its log line and curve point ready to show."""
     job = await run_in_threadpool(_owned_job, session, user, job_id)

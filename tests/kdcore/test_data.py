@@ -21,6 +21,7 @@ from kdcore.augment import augment_is_random, build_augment, check_augment_fits,
 from kdcore.data import DataBundle, Preprocess, check_labels_fit, load_data, split_indices
 from kdcore.data_sniff import sniff_dataset
 from kdcore.errors import BadInputError, MismatchError
+from kdcore.limits import ResourceLimitError
 from kdcore.spec import DataSpec
 
 REPO = Path(__file__).parents[2]
@@ -472,8 +473,9 @@ def test_image_pixel_bomb_is_refused(tmp_path: Path) -> None:
 def test_decoded_image_bytes_are_bounded(tmp_path: Path) -> None:
     members = {f"{c}/{i}.png": png(gray(0, 32)) for c in "ab" for i in range(4)}
     path = make_zip(tmp_path / "many.zip", members)
-    with pytest.raises(BadInputError, match=r"decode to more than 4000 bytes.*data\.image_size"):
-        load_data(spec(val_fraction=0.0), train_path=path, limits=ArchiveLimits(max_total_bytes=4000))
+    # Counted from the headers before decoding: the limit is reached at the fourth 32x32 image.
+    with pytest.raises(ResourceLimitError, match=r"images up to 'a/3.png' take 4,096 bytes.*4,000.*data\.image_size"):
+        load_data(spec(val_fraction=0.0), train_path=path, limits=ArchiveLimits(max_decoded_bytes=4000))
 
 
 def test_imagefolder_test_file_maps_labels_by_class_name(tmp_path: Path) -> None:
