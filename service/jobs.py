@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kdcore.spec import JobSpec
-from service import keys, state
+from service import keys, state, tuning
 from service.artifacts import delete_checkpoints
 from service.errors import ServiceError
 from service.files import resolve_file
@@ -55,7 +55,7 @@ def submit_job(
         teacher=inputs["teacher"],
         datasets=[inputs[role] for role in ("train", "test") if role in inputs],
     )
-    _check_concurrency(session=session, settings=settings, owner_id=owner_id)
+    _check_concurrency(session=session, settings=settings, owner_id=owner_id, needed=2 if spec.tune else 1)
 
     job = Job(
         id=new_id("job"),
@@ -68,6 +68,7 @@ def submit_job(
         state=JobState.QUEUED,
         max_attempts=settings.max_attempts,
         progress={"fraction": 0.0},
+        tune=tuning.initial_state() if spec.tune else None,
     )
     session.add(job)
     session.add_all(JobFile(job_id=job.id, role=role, file_id=file.id) for role, file in inputs.items())
@@ -152,18 +153,20 @@ def _check_teacher(*, settings: Settings, spec: JobSpec, teacher: File, datasets
             )
 
 
-def _check_concurrency(*, session: Session, settings: Settings, owner_id: str) -> None:
+def _check_concurrency(*, session: Session, settings: Settings, owner_id: str, needed: int = 1) -> None:
     # Lock the user's row (PostgreSQL) so two submissions cannot both squeeze under the limit.
     session.execute(select(User.id).where(User.id == owner_id).with_for_update())
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
     )
-    if (active or 0) >= settings.max_concurrent_jobs:
+    # A tuned job needs room for itself and one trial at least: its trials count against the limit too.
+    if (active or 0) + needed > settings.max_concurrent_jobs:
         raise ServiceError(
             429,
             "too_many_jobs",
-            f"you have {active} queued or running jobs, the limit is {settings.max_concurrent_jobs}; "
-            "wait for one to finish or cancel one",
+            f"you have {active} queued or running jobs, the limit is {settings.max_concurrent_jobs}"
+            + (" (a tuned job needs room for itself and a trial)" if needed > 1 else "")
+            + "; wait for one to finish or cancel one",
             headers={"Retry-After": "30"},
         )
 
@@ -217,12 +220,21 @@ def cancel_job(*, session: Session, storage: Storage, job: Job) -> Job:
     if now == JobState.CANCELLED:
         # Cancelled while queued: no worker will clean up, and a handed-back job has checkpoints.
         delete_checkpoints(storage, job.id)
+    if job.tune is not None:
+        # A tuned job's cancel is its trials' too, and ends a parent that only its search holds.
+        for trial_id in tuning.cancel_search(session=session, parent_id=job.id):
+            delete_checkpoints(storage, trial_id)
+        session.commit()
     session.refresh(job)
     return job
 
 
 def delete_job(*, session: Session, storage: Storage, job: Job) -> None:
     """Delete a finished job, its log, artifacts and checkpoints."""
+    trial_ids = list(session.scalars(select(Job.id).where(Job.parent_id == job.id)))
+    if trial_ids and session.scalar(select(func.count()).select_from(Job).where(
+            Job.parent_id == job.id, Job.state.in_(ACTIVE_STATES))):
+        raise ServiceError(409, "job_not_finished", f"job {job.id} still has trials running; cancel it first")
     # Conditional, like every state-dependent write: a job requeued a moment ago is not finished.
     result = session.execute(
         delete(Job).where(Job.id == job.id, Job.state.in_(FINISHED_STATES)).execution_options(synchronize_session=False)
@@ -231,7 +243,9 @@ def delete_job(*, session: Session, storage: Storage, job: Job) -> None:
         session.rollback()
         raise ServiceError(409, "job_not_finished", f"job {job.id} is {job.state}; cancel it and wait until it stops")
     session.commit()
-    storage.delete_prefix(keys.job_prefix(job.id))
+    # The trials' rows go with the parent's (ON DELETE CASCADE); their stored files are removed here.
+    for job_id in [job.id, *trial_ids]:
+        storage.delete_prefix(keys.job_prefix(job_id))
 
 
 def enqueue(*, session: Session, settings: Settings, job: Job) -> None:
