@@ -200,6 +200,7 @@ _job = Job.__table__.c
 _STATUS_COLUMNS = (
     "id", "name", "state", "stage", "queue", "progress", "metrics", "error_code", "error_message", "attempts",
     "max_attempts", "cancel_requested", "spec", "created_at", "started_at", "finished_at", "updated_at",
+    "parent_id", "trial", "tune",
 )  # fmt: skip
 _STATUS_QUERY = select(*(_job[name] for name in _STATUS_COLUMNS)).where(
     _job.id == bindparam("job_id"), _job.owner_id == bindparam("owner_id")
@@ -209,6 +210,18 @@ _STATUS_QUERY = select(*(_job[name] for name in _STATUS_COLUMNS)).where(
 def read_job_status(*, connection: Connection, owner_id: str, job_id: str) -> Row[Any] | None:
     """The caller's job as a row with JobOut's fields (attribute access like a Job), or None."""
     return connection.execute(_STATUS_QUERY, {"job_id": job_id, "owner_id": owner_id}).first()
+
+
+_TRIAL_COLUMNS = ("id", "state", "trial", "error_code", "started_at", "finished_at")
+_TRIALS_QUERY = select(*(_job[name] for name in _TRIAL_COLUMNS)).where(_job.parent_id == bindparam("parent_id"))
+
+
+def read_search(*, connection: Connection, job: Row[Any]) -> dict[str, Any] | None:
+    """A tuned job's search as the API shows it (trials with their settings, state and metric), else None."""
+    if job.tune is None:
+        return None
+    trials = connection.execute(_TRIALS_QUERY, {"parent_id": job.id}).all()
+    return tuning.search_summary(job, sorted(trials, key=lambda row: int((row.trial or {}).get("number", 0))))
 
 
 def cancel_job(*, session: Session, storage: Storage, job: Job) -> Job:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -187,10 +188,8 @@ def _study(spec: dict[str, Any], trials: list[Job], *, seed_offset: int) -> optu
     tune = tune_of(spec)
     distributions = _distributions(tune)
     seed = int(spec.get("seed") or 0) * 1009 + seed_offset  # a fresh draw for each rebuild
-    sampler = optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=min(5, max(2, tune.trials // 3)),
-        constraints_func=(lambda t: t.system_attrs.get("constraints", [0.0])) if tune.objective else None,
-    )
+    # TPE reads a trial's constraints from its system attrs (> 0: over the objective's budget).
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(2, tune.trials // 3)))
     # A trial is judged against the median of those that got further (n_startup_trials=1: a search
     # of a few trials has few to compare with).
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0) if tune.prune
@@ -215,7 +214,8 @@ def _study(spec: dict[str, Any], trials: list[Job], *, seed_offset: int) -> optu
         study.add_trial(create_trial(
             state=trial_state, value=value, params={p: _encode(v) for p, v in params.items()}, distributions=own,
             intermediate_values=intermediate,
-            system_attrs={"job_id": child.id, "constraints": [0.0 if trial.get("feasible", True) else 1.0]},
+            system_attrs={"job_id": child.id, **({"constraints:budget": 0.0 if trial.get("feasible") else 1.0}
+                                                 if tune.objective and trial.get("feasible") is not None else {})},
         ))
     return study
 
@@ -438,8 +438,11 @@ def _end_search(session: Session, parent: Job, children: list[Job], tune: TuneSp
                    f"the full run uses {best['params']}"})
 
 
-def search_summary(parent: Job, children: list[Job]) -> dict[str, Any]:
-    """What the report and the API show of a search: the trials, the best, the gain over the defaults."""
+def search_summary(parent: Any, children: Sequence[Any]) -> dict[str, Any]:
+    """What the report and the API show of a search: the trials, the best, the gain over the defaults.
+
+    `parent` and `children` are Jobs or rows with their columns (the API's status read).
+    """
     tune = tune_of(parent.spec)
     rows = []
     for child in children:
