@@ -204,6 +204,28 @@ class TuneSpec(_Strict):
     prune: bool = Field(default=True, description="Stop hopeless trials at epoch boundaries (median rule).")
     objective: TuneObjective | None = Field(default=None, description="A latency or size budget for the student.")
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _entries_parse(cls, space: Any) -> Any:
+        # One entry at a time, so an error names its path rather than both arms of the union.
+        if not isinstance(space, dict):
+            return space
+        parsed: dict[str, Any] = {}
+        for path, values in space.items():
+            field = f"tune.space.{path}"
+            if isinstance(values, list | TuneRange):
+                parsed[path] = values
+            elif isinstance(values, dict):
+                try:
+                    parsed[path] = TuneRange.model_validate(values)
+                except ValidationError as exc:
+                    message = "; ".join(e["message"] for e in validation_errors(exc))
+                    raise PydanticCustomError("tune_space", "{message}", {"field": field, "message": message}) from None
+            else:
+                raise PydanticCustomError("tune_space", "{message}", {
+                    "field": field, "message": "must be a list of choices or a range {low, high, log, step}"})
+        return parsed
+
     @field_validator("space")
     @classmethod
     def _choices_usable(cls, space: dict[str, list[Any] | TuneRange]) -> dict[str, list[Any] | TuneRange]:
