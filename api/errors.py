@@ -68,7 +68,9 @@ def validation_details(errors: Sequence[Any]) -> list[dict[str, str]]:
     details = []
     for error in errors:
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        details.append({"field": field_path(error.get("loc", ())), "message": message})
+        # A check over several fields of the spec names the one at fault itself (tune.space.<path>).
+        field = (error.get("ctx") or {}).get("field") or field_path(error.get("loc", ()))
+        details.append({"field": str(field), "message": message})
     return details
 
 

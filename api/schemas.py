@@ -49,6 +49,37 @@ class JobError(BaseModel):
     message: str | None = Field(examples=["teacher.file: not a teacher model: empty file"])
 
 
+class TrialOut(BaseModel):
+    number: int = Field(description="0 is the spec's own settings (the defaults).")
+    job_id: str = Field(description="The trial's own job: its state, progress, events and artifacts.")
+    state: JobState
+    params: dict[str, Any] = Field(description="The settings this trial tried, by dotted spec path.",
+                                   examples=[{"method.temperature": 2.0, "method.alpha": 0.5}])
+    value: float | None = Field(description="Its validation metric (the last epoch's, or where it was pruned).")
+    pruned: bool
+    epochs_run: int
+    latency_ms: float | None = Field(default=None, description="The student's CPU latency at batch 1, as measured.")
+    params_count: int | None = Field(default=None, description="The student's parameters.")
+    feasible: bool | None = Field(default=None, description="Within the objective's budget (null: not measured).")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class SearchOut(BaseModel):
+    """A tuned job's search (spec.tune): its trials and, once it ended, the winner."""
+
+    phase: str | None = Field(description="prepare | search | final | failed.", examples=["search"])
+    metric: str = Field(examples=["val_accuracy"])
+    planned: int | None = Field(default=None, description="Trials the search runs.")
+    objective: dict[str, Any] | None = None
+    best: dict[str, Any] | None = Field(default=None, description="The settings the full run uses.")
+    best_trial: int | None = None
+    best_value: float | None = None
+    defaults_value: float | None = Field(default=None, description="The metric of trial 0 (the spec's own settings).")
+    gain_over_defaults: float | None = Field(default=None, description="best_value - defaults_value, on validation.")
+    trials: list[TrialOut]
+
+
 class JobOut(BaseModel):
     id: str = Field(examples=["job_01j9z3m8k2q4x7v5t6r8s0w1yb"])
     name: str | None
@@ -66,9 +97,14 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    parent_id: str | None = Field(default=None, description="For a trial: the tuned job it belongs to.")
+    trial: dict[str, Any] | None = Field(default=None, description="For a trial: its number, settings and metric.")
+    search: SearchOut | None = Field(
+        default=None, description="For a tuned job, in `GET /v1/jobs/{id}`: its trials (ids, settings, state, metric)."
+    )
 
     @classmethod
-    def of(cls, job: Job | Row[Any]) -> JobOut:
+    def of(cls, job: Job | Row[Any], *, search: dict[str, Any] | None = None) -> JobOut:
         """From a Job, or a row of the job table's columns (the status read's, service.jobs)."""
         error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
         return cls(
@@ -88,6 +124,9 @@ class JobOut(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
             updated_at=job.updated_at,
+            parent_id=getattr(job, "parent_id", None),
+            trial=getattr(job, "trial", None),
+            search=SearchOut.model_validate(search) if search is not None else None,
         )
 
 

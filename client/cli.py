@@ -605,13 +605,22 @@ class _JobBar:
             typer.echo(line, err=True)
 
     def event(self, event: JobEvent) -> None:
-        if not self.enabled or event.kind not in ("log", "resume"):
+        if not self.enabled or event.kind not in ("log", "resume", "trial"):
             return
-        message = event.message or ""
+        message = event.message or (_trial_line(event.data) if event.kind == "trial" else "")
         if self.progress is not None:
             self.progress.console.print(message, markup=False, highlight=False)
         else:
             typer.echo(message, err=True)
+
+
+def _trial_line(data: dict[str, Any]) -> str:
+    """A tuned job's search progress: one line as each trial is queued and ends."""
+    settings = ", ".join(f"{path}={value}" for path, value in (data.get("params") or {}).items())
+    outcome = "pruned" if data.get("pruned") else str(data.get("state"))
+    value = data.get("value")
+    metric = f" {value:.4f}" if isinstance(value, int | float) else ""
+    return f"trial {data.get('number')} {outcome}{metric} ({settings})"
 
 
 class _ByteBar:

@@ -69,6 +69,9 @@ class Job(_Model):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime
+    parent_id: str | None = None
+    trial: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None  # a tuned job's trials and winner (GET /v1/jobs/{id})
 
     @property
     def finished(self) -> bool:

@@ -71,6 +71,9 @@ class RunOptions:
     latency_runs: int = 50
     keep_checkpoint: bool = False
     limits: ResourceLimits = field(default_factory=ResourceLimits)
+    # The teacher's logits on the training split: read when the file exists, written when it does not
+    # (a tuned job's trials share the one its parent computed).
+    teacher_cache: Path | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -167,7 +170,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
             trainer.fit(stage, model, cross_entropy_loss, state)
             teacher.module.eval().requires_grad_(False)
         elif stage.name == "distill":
-            targets = _teacher_targets(spec, teacher, train, preprocess, runtime, callbacks)
+            targets = _teacher_targets(spec, teacher, train, preprocess, runtime, callbacks, options.teacher_cache)
             trainer.fit(stage, model, build_distill_loss(spec.method), state, teacher_targets=targets)
         else:
             trainer.fit(stage, model, cross_entropy_loss, state)
@@ -236,13 +239,22 @@ def _build_models(spec: JobSpec, data: DataBundle, teacher: Teacher, state: RunS
 
 
 def _teacher_targets(spec: JobSpec, teacher: Teacher, train: DeviceData, preprocess: nn.Module, runtime: Runtime,
-                     callbacks: Callbacks) -> TeacherLogitsCache | LiveTeacher:
+                     callbacks: Callbacks, cache_file: Path | None = None) -> TeacherLogitsCache | LiveTeacher:
     if augment_is_random(spec.data.augment) or spec.data.mixup > 0:
         return LiveTeacher(teacher.module, runtime)
+    if cache_file is not None and cache_file.exists():
+        logits = torch.load(cache_file, map_location=runtime.device, weights_only=True)
+        if isinstance(logits, torch.Tensor) and logits.shape[0] == len(train):
+            callbacks.on_log("teacher logits read from the shared cache, not recomputed")
+            return TeacherLogitsCache(logits)
     # No random augmentation or mixup: the teacher sees the same inputs every epoch, so one pass is enough.
     announce(callbacks, "teacher_cache")
-    return TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=runtime,
-                                      batch_size=spec.eval_batch_size)
+    cache = TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=runtime,
+                                       batch_size=spec.eval_batch_size)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cache.logits.cpu(), cache_file)
+    return cache
 
 
 def _eval_split(data: DataBundle) -> tuple[str, torch.Tensor, torch.Tensor]:
@@ -347,3 +359,31 @@ def write_reports(spec: JobSpec, source: str, metrics: dict[str, Any], state: Ru
         *sorted(p for p in tensorboard_dir.rglob("*") if p.is_file()),
     ]
 
+
+
+def prepare_teacher_cache(spec: JobSpec, inputs: JobInputs, options: RunOptions,
+                          callbacks: Callbacks | None = None) -> Path | None:
+    """A tuned job's first step: check the inputs as a run does, and compute the teacher's logits once.
+
+    Returns `options.teacher_cache` once written, or None when the teacher must run live (random
+    augmentation, mixup) and there is nothing to share.
+    """
+    callbacks = callbacks or Callbacks()
+    set_threads(spec.threads)
+    runtime = make_runtime(spec.device, spec.precision)
+    _announce(callbacks, "check")
+    seed_everything(spec.seed)
+    data = _with_teacher_classes(load_data(spec.data, train_path=inputs.train, test_path=inputs.test,
+                                           seed=spec.seed), sniff_teacher(inputs.teacher))
+    teacher = load_teacher(spec.teacher, inputs.teacher, input_shape=data.input_shape, num_classes=data.num_classes,
+                           allow_code=options.allow_code_teachers, device=runtime.device)
+    check_augment_fits(spec.data.augment, data.input_shape)
+    preprocess = data.preprocess.to(runtime.device)
+    check_teacher_fits(teacher, preprocess(data.train.x[:4].to(runtime.device)), data.num_classes)
+    plan_stages(spec, teacher)
+    if options.teacher_cache is None or augment_is_random(spec.data.augment) or spec.data.mixup > 0:
+        return None
+    teacher.module.eval().requires_grad_(False)
+    train = DeviceData(data.train.x.to(runtime.device), data.train.y.to(runtime.device))
+    _teacher_targets(spec, teacher, train, preprocess, runtime, callbacks, options.teacher_cache)
+    return options.teacher_cache

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from kdcore.architectures import ARCHITECTURES, SpecError, known_architectures, validate_arch_args
+from kdcore.tune_space import apply_settings, check_path
 
 TeacherFormat = Literal["auto", "torchscript", "exported", "safetensors", "onnx", "state_dict", "hf"]
 ExportFormat = Literal["safetensors", "torchscript", "onnx", "hf"]
@@ -193,6 +195,107 @@ class OptimSpec(_Strict):
     )
 
 
+class TuneRange(_Strict):
+    """A numeric range to search: integers when low and high are integers (and no log scale of floats)."""
+
+    low: float = Field(description="Smallest value.")
+    high: float = Field(description="Largest value.")
+    log: bool = Field(default=False, description="Sample on a log scale (learning rates).")
+    step: float | None = Field(default=None, gt=0, description="Only multiples of this above low.")
+    integer: bool = Field(default=False, description="Whole numbers only (set by itself when low and high are).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers_stay_integers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "integer" not in data:
+            low, high, step = data.get("low"), data.get("high"), data.get("step")
+            whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high))
+            data = {**data, "integer": whole and (step is None or float(step).is_integer())}
+        return data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TuneRange:
+        if self.high < self.low:
+            raise ValueError("high must be at least low")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class TuneObjective(_Strict):
+    """A deployment budget: only students within it may win; the most accurate of those does."""
+
+    max_latency_ms: float | None = Field(default=None, gt=0, description="CPU latency at batch 1, as measured.")
+    max_params: int | None = Field(default=None, ge=1, description="Parameters of the student.")
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> TuneObjective:
+        if self.max_latency_ms is None and self.max_params is None:
+            raise ValueError("name max_latency_ms or max_params (or leave objective out)")
+        return self
+
+
+class TuneSpec(_Strict):
+    """Search the distillation's own settings on child jobs first, then run the full job with the best."""
+
+    trials: int = Field(default=8, ge=1, le=200, description="Child jobs on the queue, each one setting of the space.")
+    space: dict[str, list[Any] | TuneRange] = Field(
+        min_length=1,
+        description="Dotted spec path -> choices [a, b, ...] or a range {low, high, log, step}; "
+        "e.g. method.temperature, method.alpha, method.name, student.arch_args.<arg>, optim.lr.",
+    )
+    budget: float = Field(default=0.25, gt=0, le=1, description="Each trial's epochs as a share of the full run's.")
+    metric: Literal["val_accuracy", "val_loss"] = Field(
+        default="val_accuracy", description="Chosen on the validation split, never the test split."
+    )
+    sampler: Literal["auto", "tpe", "grid"] = Field(
+        default="auto", description="Optuna's TPE, or every combination of the choices; auto: grid when it fits."
+    )
+    parallel: int = Field(default=4, ge=1, le=64, description="At most this many trials queued or running at once.")
+    prune: bool = Field(default=True, description="Stop hopeless trials at epoch boundaries (median rule).")
+    objective: TuneObjective | None = Field(default=None, description="A latency or size budget for the student.")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _entries_parse(cls, space: Any) -> Any:
+        # One entry at a time, so an error names its path rather than both arms of the union.
+        if not isinstance(space, dict):
+            return space
+        parsed: dict[str, Any] = {}
+        for path, values in space.items():
+            field = f"tune.space.{path}"
+            if isinstance(values, list | TuneRange):
+                parsed[path] = values
+            elif isinstance(values, dict):
+                try:
+                    parsed[path] = TuneRange.model_validate(values)
+                except ValidationError as exc:
+                    message = "; ".join(e["message"] for e in validation_errors(exc))
+                    raise PydanticCustomError("tune_space", "{message}", {"field": field, "message": message}) from None
+            else:
+                raise PydanticCustomError("tune_space", "{message}", {
+                    "field": field, "message": "must be a list of choices or a range {low, high, log, step}"})
+        return parsed
+
+    @field_validator("space")
+    @classmethod
+    def _choices_usable(cls, space: dict[str, list[Any] | TuneRange]) -> dict[str, list[Any] | TuneRange]:
+        for path, values in space.items():
+            if isinstance(values, list) and not values:
+                raise PydanticCustomError("tune_space", "{message}", {"field": f"tune.space.{path}",
+                                                                      "message": "needs at least one choice"})
+        return space
+
+    def grid_size(self) -> int | None:
+        """Combinations of the choices, or None when a range makes the space continuous."""
+        size = 1
+        for values in self.space.values():
+            if not isinstance(values, list):
+                return None
+            size *= len(values)
+        return size
+
+
 class JobSpec(_Strict):
     name: str | None = Field(default=None, max_length=200, description="Optional label.")
     task: Task = Field(
@@ -214,6 +317,7 @@ class JobSpec(_Strict):
         default=IMAGE_EXPORTS, description="Student exports; text jobs default to hf, safetensors and onnx."
     )
     quantize: Literal["none", "dynamic_int8"] = Field(default="none", description="Post-training quantisation.")
+    tune: TuneSpec | None = Field(default=None, description="Search T, alpha, student size, ... on child jobs first.")
 
     @field_validator("device")
     @classmethod
@@ -226,6 +330,30 @@ class JobSpec(_Strict):
     @classmethod
     def _export_unique(cls, export: list[str]) -> list[str]:
         return list(dict.fromkeys(export))
+
+    @model_validator(mode="after")
+    def _tune_space_fits(self) -> JobSpec:
+        if self.tune is None:
+            return self
+        if self.data.val_fraction == 0:
+            raise PydanticCustomError("tune_space", "{message}", {
+                "field": "data.val_fraction",
+                "message": "a search chooses on the validation split: set val_fraction > 0 (never the test split)"})
+        base = self.model_dump(mode="json", exclude={"tune"})
+        for path, values in self.tune.space.items():
+            field = f"tune.space.{path}"
+            if (reason := check_path(JobSpec, path)) is not None:
+                raise PydanticCustomError("tune_space", "{message}", {"field": field, "message": f"{path} {reason}"})
+            candidates = values if isinstance(values, list) else [_range_value(values, values.low),
+                                                                  _range_value(values, values.high)]
+            for value in candidates:
+                try:
+                    JobSpec.model_validate(apply_settings(base, {path: value}))
+                except ValidationError as exc:
+                    reason = "; ".join(e["message"] for e in validation_errors(exc))
+                    raise PydanticCustomError("tune_space", "{message}", {
+                        "field": field, "message": f"{value!r} does not fit {path}: {reason}"}) from None
+        return self
 
 
 def for_task(spec: JobSpec, task: ResolvedTask) -> JobSpec:
@@ -306,11 +434,17 @@ def _check_arch_args(arch: str | None, arch_args: dict[str, Any]) -> dict[str, A
     return arch_args
 
 
+def _range_value(values: TuneRange, bound: float) -> float | int:
+    return int(bound) if values.integer else bound
+
+
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     """Flatten pydantic's errors into {field, message} with dotted field paths."""
     errors = []
     for err in exc.errors():
         field = ".".join(str(part) for part in err["loc"]) or "spec"
+        # A check over several fields names the one at fault itself (tune.space.<path>).
+        field = str((err.get("ctx") or {}).get("field", field))
         message = err["msg"].removeprefix("Value error, ")
         errors.append({"field": field, "message": message})
     return errors

@@ -24,7 +24,7 @@ from kdcore.limits import (
     model_input_shape,
 )
 from kdcore.spec import JobSpec
-from service import keys, state
+from service import keys, state, tuning
 from service.artifacts import delete_checkpoints
 from service.errors import ServiceError
 from service.files import resolve_file
@@ -73,7 +73,7 @@ def submit_job(
         teacher=inputs["teacher"],
         datasets=[inputs[role] for role in ("train", "test") if role in inputs],
     )
-    _check_concurrency(session=session, settings=settings, owner_id=owner_id)
+    _check_concurrency(session=session, settings=settings, owner_id=owner_id, needed=2 if spec.tune else 1)
 
     job = Job(
         id=new_id("job"),
@@ -86,6 +86,7 @@ def submit_job(
         state=JobState.QUEUED,
         max_attempts=settings.max_attempts,
         progress={"fraction": 0.0},
+        tune=tuning.initial_state() if spec.tune else None,
     )
     session.add(job)
     session.add_all(JobFile(job_id=job.id, role=role, file_id=file.id) for role, file in inputs.items())
@@ -217,19 +218,21 @@ def check_resources(*, settings: Settings, spec: JobSpec, teacher: File, dataset
         raise ServiceError(422, exc.code, exc.message, field=exc.field) from None
 
 
-def _check_concurrency(*, session: Session, settings: Settings, owner_id: str) -> None:
+def _check_concurrency(*, session: Session, settings: Settings, owner_id: str, needed: int = 1) -> None:
     # One check of this user at a time, on PostgreSQL and SQLite alike: two submissions cannot
     # both squeeze under the limit.
     lock_owner(session, owner_id)
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.state.in_(ACTIVE_STATES))
     )
-    if (active or 0) >= settings.max_concurrent_jobs:
+    # A tuned job needs room for itself and one trial at least: its trials count against the limit too.
+    if (active or 0) + needed > settings.max_concurrent_jobs:
         raise ServiceError(
             429,
             "too_many_jobs",
-            f"you have {active} queued or running jobs, the limit is {settings.max_concurrent_jobs}; "
-            "wait for one to finish or cancel one",
+            f"you have {active} queued or running jobs, the limit is {settings.max_concurrent_jobs}"
+            + (" (a tuned job needs room for itself and a trial)" if needed > 1 else "")
+            + "; wait for one to finish or cancel one",
             headers={"Retry-After": "30"},
         )
 
@@ -263,6 +266,7 @@ _job = Job.__table__.c
 _STATUS_COLUMNS = (
     "id", "name", "state", "stage", "queue", "progress", "metrics", "error_code", "error_message", "attempts",
     "max_attempts", "cancel_requested", "spec", "created_at", "started_at", "finished_at", "updated_at",
+    "parent_id", "trial", "tune",
 )  # fmt: skip
 _STATUS_QUERY = select(*(_job[name] for name in _STATUS_COLUMNS)).where(
     _job.id == bindparam("job_id"), _job.owner_id == bindparam("owner_id")
@@ -274,6 +278,18 @@ def read_job_status(*, connection: Connection, owner_id: str, job_id: str) -> Ro
     return connection.execute(_STATUS_QUERY, {"job_id": job_id, "owner_id": owner_id}).first()
 
 
+_TRIAL_COLUMNS = ("id", "state", "trial", "error_code", "started_at", "finished_at")
+_TRIALS_QUERY = select(*(_job[name] for name in _TRIAL_COLUMNS)).where(_job.parent_id == bindparam("parent_id"))
+
+
+def read_search(*, connection: Connection, job: Row[Any]) -> dict[str, Any] | None:
+    """A tuned job's search as the API shows it (trials with their settings, state and metric), else None."""
+    if job.tune is None:
+        return None
+    trials = connection.execute(_TRIALS_QUERY, {"parent_id": job.id}).all()
+    return tuning.search_summary(job, sorted(trials, key=lambda row: int((row.trial or {}).get("number", 0))))
+
+
 def cancel_job(*, session: Session, storage: Storage, job: Job) -> Job:
     try:
         now = state.request_cancel(session, job.id)
@@ -283,12 +299,21 @@ def cancel_job(*, session: Session, storage: Storage, job: Job) -> Job:
     if now == JobState.CANCELLED:
         # Cancelled while queued: no worker will clean up, and a handed-back job has checkpoints.
         delete_checkpoints(storage, job.id)
+    if job.tune is not None:
+        # A tuned job's cancel is its trials' too, and ends a parent that only its search holds.
+        for trial_id in tuning.cancel_search(session=session, parent_id=job.id):
+            delete_checkpoints(storage, trial_id)
+        session.commit()
     session.refresh(job)
     return job
 
 
 def delete_job(*, session: Session, storage: Storage, job: Job) -> None:
     """Delete a finished job, its log, artifacts and checkpoints."""
+    trial_ids = list(session.scalars(select(Job.id).where(Job.parent_id == job.id)))
+    if trial_ids and session.scalar(select(func.count()).select_from(Job).where(
+            Job.parent_id == job.id, Job.state.in_(ACTIVE_STATES))):
+        raise ServiceError(409, "job_not_finished", f"job {job.id} still has trials running; cancel it first")
     # Conditional, like every state-dependent write: a job requeued a moment ago is not finished.
     result = session.execute(
         delete(Job).where(Job.id == job.id, Job.state.in_(FINISHED_STATES)).execution_options(synchronize_session=False)
@@ -297,7 +322,9 @@ def delete_job(*, session: Session, storage: Storage, job: Job) -> None:
         session.rollback()
         raise ServiceError(409, "job_not_finished", f"job {job.id} is {job.state}; cancel it and wait until it stops")
     session.commit()
-    storage.delete_prefix(keys.job_prefix(job.id))
+    # The trials' rows go with the parent's (ON DELETE CASCADE); their stored files are removed here.
+    for job_id in [job.id, *trial_ids]:
+        storage.delete_prefix(keys.job_prefix(job_id))
 
 
 def enqueue(*, session: Session, settings: Settings, job: Job) -> None:

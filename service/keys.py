@@ -38,3 +38,8 @@ def artifact_prefix(job_id: str, attempt: int) -> str:
 
 def artifact_key(job_id: str, attempt: int, name: str) -> str:
     return check_key(artifact_prefix(job_id, attempt) + name)
+
+
+def teacher_cache_key(job_id: str) -> str:
+    """A tuned job's teacher logits, computed once by the parent and read by its trials and full run."""
+    return check_key(f"{job_prefix(job_id)}teacher_cache.pt")

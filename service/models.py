@@ -187,6 +187,13 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    # A tuned job (spec.tune) is a parent; its trials are child jobs (service.tuning).
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    # A trial's part of the search: {number, params, intermediate {epoch: value}, value, pruned, feasible}.
+    trial: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A parent's search: {phase: prepare | search | final, best, ...}.
+    tune: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
 
 class JobFile(Base):
     """Which uploads a job reads, so a file in use by an active job cannot be deleted."""

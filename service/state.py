@@ -367,3 +367,40 @@ def _state_event(state: JobState, error_code: str | None, message: str | None) -
 
 def _current_state(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
+# A tuned job's parent (service.tuning) --------------------------------------------------------
+# While its trials run, a parent is `running` with no worker and no lease (worker_id SEARCH_HOLDER):
+# the reaper never requeues it, and only the search itself moves it on.
+SEARCH_HOLDER = "search"
+
+
+def hold_for_search(session: Session, job_id: str, worker_id: str, *, now: datetime | None = None) -> bool:
+    """The worker that prepared a tuned job hands it to its search: no lease, stage `search`."""
+    now = now or utcnow()
+    return _update(session, job_id, from_states=(JobState.RUNNING,), where=[Job.worker_id == worker_id],
+                   values={"worker_id": SEARCH_HOLDER, "lease_expires_at": None, "stage": "search"}, now=now)
+
+
+def queue_final_run(session: Session, job_id: str, *, now: datetime | None = None) -> bool:
+    """The search ended: the parent goes back to the queue for its full run (a fresh count of attempts)."""
+    now = now or utcnow()
+    if not _update(session, job_id, from_states=(JobState.RUNNING,), where=[Job.worker_id == SEARCH_HOLDER],
+                   values={"state": JobState.QUEUED, "worker_id": None, "stage": "final", "attempts": 0,
+                           "enqueued_at": None}, now=now):
+        return False
+    append_event(session, job_id, "state", {"state": JobState.QUEUED.value, "reason": "search finished"}, now=now)
+    return True
+
+
+def finish_search(session: Session, job_id: str, *, state: JobState, error_code: str | None = None,
+                  error_message: str | None = None, now: datetime | None = None) -> bool:
+    """End a parent while its search holds it (cancelled, or failed when every trial failed)."""
+    now = now or utcnow()
+    started_at = session.scalar(select(Job.started_at).where(Job.id == job_id))
+    if not _update(session, job_id, from_states=(JobState.RUNNING,), where=[Job.worker_id == SEARCH_HOLDER],
+                   values={**_final_values(state, now, started_at), "error_code": error_code,
+                           "error_message": error_message}, now=now):
+        return False
+    append_event(session, job_id, "state", _state_event(state, error_code, error_message), now=now)
+    return True

@@ -82,3 +82,39 @@ class JobCallbacks(Callbacks):
     def _record(self, **changes: Any) -> Callable[[Session], bool]:
         job_run = self.job_run
         return lambda session: state.record_progress(session, job_run.job_id, job_run.worker_id, **changes)
+
+
+class TrialCallbacks(JobCallbacks):
+    """A tuned job's trial: each student epoch's validation metric goes to the search, which may prune it."""
+
+    def __init__(self, job_run: JobRun, *, metric: str) -> None:
+        super().__init__(job_run)
+        self.metric = metric
+        self.distill_epochs = int((job_run.spec.get("stages") or {}).get("distill_epochs") or 0)
+
+    def on_epoch_end(self, progress: Progress) -> None:
+        super().on_epoch_end(progress)
+        from service.tuning import TRIAL_STAGES, should_prune
+
+        value = progress.metrics.get(self.metric)
+        if progress.stage not in TRIAL_STAGES or value is None:
+            return
+        # Steps count the student's epochs across its stages, as the pruner compares trials step by step.
+        step = progress.epoch + (self.distill_epochs if progress.stage == "finetune" else 0)
+        verdict: list[bool] = []
+        job_run = self.job_run
+
+        def report(session: Session) -> None:
+            verdict.append(should_prune(session=session, job_id=job_run.job_id, worker_id=job_run.worker_id,
+                                        step=step, value=float(value)))
+
+        job_run.write(report, what="the trial's metric")
+        if verdict and verdict[0] and step < self._total_steps():
+            message = (f"pruned after {step} epochs: {self.metric} {value:.4f} is behind the median of the other "
+                       "trials at this epoch")
+            self.on_log(message)
+            job_run.flags.halt(message, pruned=True)
+
+    def _total_steps(self) -> int:
+        stages = self.job_run.spec.get("stages") or {}
+        return int(stages.get("distill_epochs") or 0) + int(stages.get("finetune_epochs") or 0)

@@ -30,6 +30,7 @@ class Outcome(StrEnum):
     STOPPED = "stopped"  # handed back because the worker was told to stop
     LOST = "lost"  # the lease went to someone else; nothing was written
     SKIPPED = "skipped"  # not queued when the message came: a duplicate, or cancelled before it started
+    SEARCHING = "searching"  # a tuned job, prepared and handed to its search (service.tuning)
 
 
 @dataclass
@@ -40,16 +41,19 @@ class StopFlags:
     cancel_requested: bool = False
     shutdown: bool = False
     lost: bool = False
+    pruned: bool = False  # a trial its search called hopeless
     reason: str = ""
     failure: tuple[str, str] | None = None  # (code, message) when a limit or the watchdog ended the run
     halted_at: float | None = None  # monotonic time of the first halt
     # Monotonic time of the engine's last sign of life (a step, a stage, progress): the stall watchdog's clock.
     last_activity: float = field(default_factory=time.monotonic)
 
-    def halt(self, reason: str, *, cancel: bool = False, shutdown: bool = False, lost: bool = False) -> None:
+    def halt(self, reason: str, *, cancel: bool = False, shutdown: bool = False, lost: bool = False,
+             pruned: bool = False) -> None:
         self.cancel_requested |= cancel
         self.shutdown |= shutdown
         self.lost |= lost
+        self.pruned |= pruned
         self.reason = self.reason or reason
         self.halted_at = self.halted_at or time.monotonic()
         self.stop.set()
@@ -75,6 +79,11 @@ class JobRun:
     session_factory: sessionmaker[Session]
     flags: StopFlags = field(default_factory=StopFlags)
     memory_limited: bool = False  # the attempt runs under the operator's memory limit
+    # A tuned job's part (service.tuning): the trial's parent, or the parent's phase and its search.
+    parent_id: str | None = None
+    tune_phase: str | None = None
+    search: dict[str, Any] | None = None
+    teacher_cache_key: str | None = None  # the logits a tuned job's runs share
 
     @cached_property
     def storage(self) -> Storage:

@@ -34,7 +34,7 @@ from functools import cached_property
 from sqlalchemy import Engine, MetaData, Table, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import state
+from service import state, tuning
 from service.artifacts import delete_checkpoints
 from service.db import create_db_engine, create_session_factory, session_scope
 from service.models import Job, JobState
@@ -163,12 +163,33 @@ class Reaper:
             sizes=lambda queues: queue_sizes(settings, queues),
             remove_checkpoints=lambda job_id: delete_checkpoints(self.storage, job_id),
         )
+        self._advance_searches()
         self._purge_delivered_messages()
         if time.monotonic() >= self._next_sweep:
             # At start-up (the first pass) and every scratch_sweep_seconds after.
             sweep_scratch(settings, create_session_factory(self._engine))
             self._next_sweep = time.monotonic() + settings.scratch_sweep_seconds
         return report
+
+    def _advance_searches(self) -> None:
+        """Tuned jobs' searches move on here too: a trial may have ended with no one left to advance it."""
+        assert self._engine is not None
+        session_factory = create_session_factory(self._engine)
+        with session_scope(session_factory) as session:
+            to_enqueue = tuning.advance_all(session=session, settings=self.settings)
+        sent = []
+        for job_id in to_enqueue:
+            with session_scope(session_factory) as session:
+                queue = session.scalar(select(Job.queue).where(Job.id == job_id)) or self.settings.default_queue
+            try:
+                enqueue_job(job_id, settings=self.settings, queue=queue)
+            except Exception as exc:  # still queued: the next pass's lost-message check re-sends it
+                logger.warning("could not send job %s (will try again): %s", job_id, exc)
+                continue
+            sent.append(job_id)
+        if sent:
+            with session_scope(session_factory) as session:
+                state.mark_enqueued(session, sent)
 
     @cached_property
     def storage(self) -> Storage:

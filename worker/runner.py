@@ -31,17 +31,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import state
+from service import state, tuning
 from service.artifacts import delete_checkpoints, record_artifact
 from service.db import create_db_engine, create_session_factory, session_scope
 from service.jobs import resource_limits
-from service.keys import CHECKPOINT_NAME
-from service.models import File, Job, JobFile, JobState
+from service.keys import CHECKPOINT_NAME, teacher_cache_key
+from service.models import FINISHED_STATES, File, Job, JobFile, JobState
 from service.quota import QuotaExceededError, check_artifacts_fit
 from service.settings import Settings
 from service.state import IllegalTransitionError
 from service.storage import StorageError, StoredObject, check_key
-from worker.callbacks import JobCallbacks
+from worker.callbacks import JobCallbacks, TrialCallbacks
 from worker.heartbeat import Heartbeat, stop_on_sigterm
 from worker.job_run import JobRun, Outcome
 from worker.limits import capped_threads, memory_limit, memory_limit_message
@@ -108,6 +108,7 @@ def _claim_and_run(
             settings=settings,
             session_factory=session_factory,
         )
+        _tune_part(session, job, job_run)
     with job_logging(job_id, job_run.attempt):
         logger.info("running job %s (attempt %d of %d)", job_id, job_run.attempt, job_run.max_attempts)
         heartbeat = Heartbeat(job_run)
@@ -118,7 +119,93 @@ def _claim_and_run(
         finally:
             heartbeat.stop()
         logger.info("job %s: %s", job_id, outcome.value)
+        if job_run.parent_id is not None and outcome.value in {str(s) for s in FINISHED_STATES}:
+            _advance_search(job_run, job_run.parent_id)
         return outcome
+
+
+# A tuned job (service.tuning) ----------------------------------------------------------------
+
+
+def _tune_part(session: Session, job: Job, job_run: JobRun) -> None:
+    """What a tuned job's parent or trial needs beyond a plain job: its phase, its spec, the shared cache."""
+    if job.parent_id is not None:
+        parent = session.get(Job, job.parent_id)
+        job_run.parent_id = job.parent_id
+        if parent is not None and tuning.shares_teacher_cache(parent.spec):
+            job_run.teacher_cache_key = (parent.tune or {}).get("teacher_cache_key")
+        return
+    if job.tune is None:
+        return
+    job_run.tune_phase = job.tune.get("phase")
+    if tuning.shares_teacher_cache(job.spec):
+        job_run.teacher_cache_key = teacher_cache_key(job.id)
+    if job_run.tune_phase == tuning.FINAL:
+        job_run.spec = tuning.final_spec(job.spec, job.tune["best"])
+        job_run.search = tuning.search_summary(job, tuning.trials_of(session, job.id))
+
+
+def _prepare_search(job_run: JobRun, work: Path) -> Outcome:
+    """A tuned job's first run: the deep check and the teacher's logits once, then its search starts."""
+    from kdcore.pipeline import RunOptions, prepare_teacher_cache
+    from kdcore.spec import parse_spec
+
+    inputs = _download_inputs(job_run, work / "inputs")
+    spec = parse_spec(job_run.spec)
+    if spec.threads is None:
+        spec = spec.model_copy(update={"threads": job_threads(job_run.settings)})
+    cache_file = work / "teacher_cache.pt" if job_run.teacher_cache_key else None
+    options = RunOptions(out_dir=work / "out", allow_code_teachers=job_run.settings.allow_code_teachers,
+                         teacher_cache=cache_file)
+    written = prepare_teacher_cache(spec, inputs, options, JobCallbacks(job_run))
+    if written is not None and job_run.teacher_cache_key is not None:
+        job_run.storage.put_file(job_run.teacher_cache_key, written)
+    if job_run.flags.stop.is_set():
+        raise _Halted(job_run.flags.reason)
+    to_enqueue: list[str] = []
+
+    def hand_to_search(session: Session) -> bool:
+        advance = tuning.start_search(session=session, settings=job_run.settings, parent_id=job_run.job_id,
+                                      worker_id=job_run.worker_id,
+                                      teacher_cache_key=job_run.teacher_cache_key if written else None)
+        if advance is None:
+            return False  # the job is no longer this worker's
+        to_enqueue.extend(advance.to_enqueue)
+        return True
+
+    if not job_run.write(hand_to_search, what="the search's start"):
+        return Outcome.LOST
+    _send(job_run.settings, job_run.session_factory, to_enqueue)
+    return Outcome.SEARCHING
+
+
+def _advance_search(job_run: JobRun, parent_id: str) -> None:
+    """A trial ended: its parent's search records it and moves on (the reaper does it too, if this fails)."""
+    to_enqueue: list[str] = []
+    try:
+        with session_scope(job_run.session_factory) as session:
+            to_enqueue = tuning.advance(session=session, settings=job_run.settings, parent_id=parent_id).to_enqueue
+    except SQLAlchemyError as exc:
+        logger.warning("could not advance the search of %s (the reaper will): %s", parent_id, exc)
+        return
+    _send(job_run.settings, job_run.session_factory, to_enqueue)
+
+
+def _send(settings: Settings, session_factory: sessionmaker[Session], job_ids: list[str]) -> None:
+    from service.queue import enqueue_job
+
+    sent = []
+    for job_id in job_ids:
+        with session_scope(session_factory) as session:
+            queue = session.scalar(select(Job.queue).where(Job.id == job_id))
+        try:
+            enqueue_job(job_id, settings=settings, queue=queue or settings.default_queue)
+        except Exception as exc:  # the reaper re-sends a queued job whose message is missing
+            logger.warning("could not send job %s (the reaper will): %s", job_id, exc)
+            continue
+        sent.append(job_id)
+    with session_scope(session_factory) as session:
+        state.mark_enqueued(session, sent)
 
 
 def _attempt(job_run: JobRun) -> Outcome:
@@ -132,6 +219,8 @@ def _attempt(job_run: JobRun) -> Outcome:
     ):
         job_run.memory_limited = limited
         try:
+            if job_run.tune_phase == tuning.PREPARE:
+                return _prepare_search(job_run, Path(work))
             out_dir, result = _distill(job_run, Path(work))
             if job_run.flags.stop.is_set():
                 raise _Halted(job_run.flags.reason)
@@ -151,6 +240,7 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
     inputs = _download_inputs(job_run, work / "inputs")
     checkpoint_dir = work / "checkpoints"
     resumable = _download_checkpoint(job_run, checkpoint_dir / CHECKPOINT_NAME)
+    teacher_cache = _download_teacher_cache(job_run, work / "teacher_cache.pt")
     if job_run.flags.stop.is_set():
         raise _Halted(job_run.flags.reason)
 
@@ -165,10 +255,12 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
         progress_interval_s=min(1.0, job_run.settings.progress_write_seconds or 1.0),
         latency_runs=job_run.settings.latency_runs,
         limits=resource_limits(job_run.settings),
+        teacher_cache=teacher_cache,
     )
-    callbacks = JobCallbacks(job_run)
+    callbacks = _callbacks(job_run)
     try:
-        return options.out_dir, run_job(spec, inputs, options, callbacks)
+        return options.out_dir, _with_search_report(job_run, options.out_dir, run_job(spec, inputs, options,
+                                                                                      callbacks))
     except KDError as exc:
         if exc.code != "bad_checkpoint" or not resumable:
             raise
@@ -177,7 +269,39 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
     job_run.event("log", {"message": "the checkpoint of an earlier attempt is unusable; starting over"})
     (checkpoint_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     job_run.storage.delete(job_run.checkpoint_key)
-    return options.out_dir, run_job(spec, inputs, options, JobCallbacks(job_run))
+    return options.out_dir, _with_search_report(job_run, options.out_dir,
+                                                run_job(spec, inputs, options, _callbacks(job_run)))
+
+
+def _callbacks(job_run: JobRun) -> JobCallbacks:
+    if job_run.parent_id is None:
+        return JobCallbacks(job_run)
+    with session_scope(job_run.session_factory) as session:
+        parent_spec = session.scalar(select(Job.spec).where(Job.id == job_run.parent_id)) or {}
+    return TrialCallbacks(job_run, metric=tuning.tune_of(parent_spec).metric) if parent_spec else JobCallbacks(job_run)
+
+
+def _with_search_report(job_run: JobRun, out_dir: Path, result: RunResult) -> RunResult:
+    """A tuned job's full run: its report shows the search (table, plots), its metrics the outcome."""
+    if job_run.search is None:
+        return result
+    from kdcore.tune_report import write_search_report
+
+    written = write_search_report(job_run.search, out_dir)
+    result.artifacts += [path for path in written if path not in result.artifacts]
+    result.metrics["tune"] = {k: v for k, v in job_run.search.items() if k != "trials"}
+    return result
+
+
+def _download_teacher_cache(job_run: JobRun, path: Path) -> Path | None:
+    """The tuned job's shared teacher logits, where its parent computed them; None: compute as usual."""
+    if job_run.teacher_cache_key is None:
+        return None
+    try:
+        job_run.storage.get_file(job_run.teacher_cache_key, path)
+    except FileNotFoundError:
+        return None
+    return path
 
 
 def _download_inputs(job_run: JobRun, folder: Path) -> JobInputs:
@@ -288,6 +412,8 @@ def _settle_failure(job_run: JobRun, exc: Exception) -> Outcome:
         message = memory_limit_message(job_run.settings, exc)
         logger.info("job failed [resource_limit]: %s", message)
         return _finish(job_run, JobState.FAILED, "resource_limit", message, remove_checkpoints=True)
+    if flags.pruned and not flags.cancel_requested:
+        return _finish(job_run, JobState.CANCELLED, "pruned", flags.reason, remove_checkpoints=True)
     if isinstance(exc, CancelledError | _Halted) or flags.stop.is_set():
         if flags.cancel_requested:
             return _finish(job_run, JobState.CANCELLED, None, f"cancelled: {exc}", remove_checkpoints=True)

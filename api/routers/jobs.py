@@ -106,9 +106,10 @@ def get_job(job_id: JobId, user: CurrentUser, request: Request) -> Response:
     # is (response_model still documents it; FastAPI would only validate the JobOut again).
     with read_connection(request.app.state.session_factory) as connection:
         row = jobs.read_job_status(connection=connection, owner_id=user.id, job_id=job_id)
+        search = jobs.read_search(connection=connection, job=row) if row is not None else None
     if row is None:
         raise not_found("job", job_id)
-    return Response(JobOut.of(row).model_dump_json(), media_type="application/json")
+    return Response(JobOut.of(row, search=search).model_dump_json(), media_type="application/json")
 
 
 @router.get(

@@ -108,6 +108,7 @@ LAYOUT: list[tuple[str, list[str], list[str]]] = [
       "data.mixup", "data.image_size"]),
     ("Student", ["student.arch", "student.init_from_teacher", "student.teacher_layers"], ["student.file"]),
     ("Distillation", ["method.temperature", "method.alpha", "method.name"], ["method.hidden_weight"]),
+    ("Search", ["tune.find", "tune.trials"], []),
     ("Stages", ["stages.distill_epochs", "stages.teacher_finetune_epochs", "stages.finetune_epochs",
                 "stages.baseline"], []),
     ("Training", ["optim.name", "optim.lr", "batch_size", "precision"],
@@ -167,6 +168,17 @@ class FormField:
 
     def option_label(self, option: Any) -> str:
         return "" if option is None else str(option)
+
+
+# "Find the best T and alpha for me": the search the form offers (the API takes any `tune` block).
+TUNE_SPACE = {"method.temperature": [1.0, 2.0, 4.0, 8.0], "method.alpha": [0.5, 0.7, 0.9]}
+TUNE_FIELDS = (
+    FormField(name="tune.find", path="tune.find", label="Find the best T and alpha for me", kind="checkbox",
+              default=False, help="Runs short trials on the queue first (T in 1, 2, 4, 8; alpha in 0.5, 0.7, 0.9), "
+              "chosen on the validation split, then the full job with the best and a baseline."),
+    FormField(name="tune.trials", path="tune.trials", label="Trials", kind="number", integer=True, default=8,
+              minimum=1, maximum=200, help="Trials of the search, each a quarter of the epochs; up to 4 at once."),
+)
 
 
 @dataclass
@@ -262,6 +274,9 @@ def _spec_leaves(schema: Mapping[str, Any], defs: Mapping[str, Any], prefix: str
             continue
         if path.endswith(".arch_args"):
             continue  # generated per architecture
+        if path == "tune":
+            yield from TUNE_FIELDS  # the form's one search, not the block's every field
+            continue
         default = prop.get("default")
         if path in FILE_FIELDS:
             yield FormField(
@@ -410,6 +425,9 @@ class SpecForm:
             if converted is _OMIT:
                 continue
             _set_path(spec, f.path, converted)
+        tune = spec.pop("tune", None) or {}
+        if tune.get("find"):
+            spec["tune"] = {"trials": tune.get("trials", 8), "space": TUNE_SPACE}
         return spec
 
     # --------------------------------------------------------------------- validate

@@ -28,6 +28,8 @@ STAGE_LABELS = {
     "evaluate": "Evaluation",
     "export": "Export",
     "report": "Report",
+    "search": "Searching (trials on the queue)",
+    "final": "Full run with the best settings",
 }
 CURVE_KEYS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 PAGE_LOG_LINES = 300
@@ -81,6 +83,8 @@ class Timeline:
             return str(data.get("message") or ""), "info"
         if kind == "cancel_requested":
             return "Cancel requested: the job stops at its next step", "warning"
+        if kind == "trial":
+            return _describe_trial(data), "info"
         if kind == "progress":
             training = (data.get("metrics") or {}).get("training")
             if isinstance(training, dict):
@@ -89,6 +93,15 @@ class Timeline:
             if stage and stage != self.stage:
                 return f"Stage: {stage_label(stage)}", "info"
         return None, "info"  # resume repeats its log line; plain progress ticks are the bar's business
+
+
+def _describe_trial(data: dict[str, Any]) -> str:
+    settings = ", ".join(f"{path} = {value}" for path, value in (data.get("params") or {}).items())
+    if data.get("state") == "queued":
+        return f"Trial {data.get('number')} queued: {settings}"
+    outcome = "pruned" if data.get("pruned") else str(data.get("state"))
+    value = data.get("value")
+    return f"Trial {data.get('number')} {outcome}" + (f": {value:.4f}" if isinstance(value, int | float) else "")
 
 
 def _describe_state(data: dict[str, Any]) -> tuple[str, str]:

@@ -33,6 +33,7 @@ from api.uploads import receive_file
 from api.web import report
 from api.web.forms import FILE_FIELDS, FormValues, SpecForm, spec_form
 from api.web.rendering import render, secure
+from api.web.search_chart import search_points
 from api.web.session import (
     CsrfForm,
     CsrfHeader,
@@ -44,7 +45,7 @@ from api.web.session import (
 )
 from api.web.timeline import STAGE_LABELS, Timeline, load_timeline, stage_before, stage_label
 from kdcore.spec import JobSpec, parse_spec
-from service import artifacts, events, files, jobs, users
+from service import artifacts, events, files, jobs, tuning, users
 from service.errors import ServiceError
 from service.models import ACTIVE_STATES, FINISHED_STATES, FilePurpose, Job, JobState
 from service.security import parse_key
@@ -320,8 +321,18 @@ async def upload_file(
 # --------------------------------------------------------------------------------------- one job
 
 
+def _search_context(session: Session, job: Job) -> dict[str, Any]:
+    """A tuned job's trials for the page's search card (table and chart); empty for other jobs."""
+    if job.tune is None:
+        return {"search": None}
+    search = tuning.search_summary(job, tuning.trials_of(session, job.id))
+    return {"search": search, "chart": search_points(search),
+            "search_paths": list(dict.fromkeys(path for t in search["trials"] for path in t["params"]))}
+
+
 def _job_context(session: Session, user: Principal, job: Job) -> dict[str, Any]:
     out = JobOut.of(job)
+    search = _search_context(session, job)
     timeline = load_timeline(session, job.id)
     rows = artifacts.list_artifacts(session=session, job_id=job.id) if job.state == JobState.SUCCEEDED else []
     session.commit()
@@ -335,6 +346,7 @@ def _job_context(session: Session, user: Principal, job: Job) -> dict[str, Any]:
         "spec_yaml": yaml.safe_dump(out.spec, sort_keys=False, allow_unicode=True),
         "finished": out.state in FINISHED_STATES,
         "stage_labels": STAGE_LABELS,
+        **search,
     }
 
 
@@ -342,6 +354,16 @@ def _job_context(session: Session, user: Principal, job: Job) -> dict[str, Any]:
 def job_page(request: Request, job_id: str, user: WebUser, session: SessionDep) -> Response:
     job = _owned_job(session, user, job_id)
     return render(request, "job.html", _job_context(session, user, job))
+
+
+@router.get("/jobs/{job_id}/search", response_class=HTMLResponse)
+def job_search(request: Request, job_id: str, user: WebUser, session: SessionDep) -> Response:
+    """A tuned job's search card, fetched every few seconds by the page while the job runs."""
+    job = _owned_job(session, user, job_id)
+    if job.tune is None:
+        raise PageNotFoundError(f"Job {job.id} is not a tuned job.")
+    context = {"job": JobOut.of(job), "finished": job.state in FINISHED_STATES, **_search_context(session, job)}
+    return render(request, "_job_search.html", context)
 
 
 @router.get("/jobs/{job_id}/results", response_class=HTMLResponse)

@@ -354,3 +354,35 @@ def test_pages_at_phone_width(phone: tuple[BrowserContext, Console], service: Se
         expect(page.locator("#comparison")).to_be_visible()
         assert page.eval_on_selector(".table-scroll", "box => box.scrollWidth <= box.clientWidth + 1")
     console.assert_clean()
+
+
+def test_find_the_best_t_and_alpha_shows_the_trials_live(desktop: tuple[BrowserContext, Console], service: Service,
+                                                         job_files: JobFiles, screenshots: Path) -> None:
+    context, console = desktop
+    page = context.new_page()
+    sign_in(page, service)
+    page.goto(f"{service.base_url}/web/jobs/new")
+    choose_earlier_uploads(page, service, job_files)
+    fill_job_form(page, name="tuned", distill_epochs=4, baseline=False)
+    page.get_by_label("Find the best T and alpha for me", exact=True).check()
+    page.get_by_label("Trials", exact=True).fill("3")
+    page.get_by_role("button", name="Start distillation").click()
+    page.wait_for_url("**/web/jobs/job_*")
+    job_id = job_id_of(page)
+
+    # The search card fills in as trials are queued and finish, without a reload.
+    table = page.locator("#trials-table tbody tr")
+    expect(table).to_have_count(3, timeout=60_000)  # all three queued at once (the user's limit is 4)
+    expect(page.locator("#search-chart circle.trial-point").first).to_be_visible(timeout=90_000)
+    shoot(page, screenshots, "job-search-desktop")
+    expect(page.locator("#job-state")).to_have_text("succeeded", timeout=180_000)
+    page.reload()
+    expect(table).to_have_count(3)
+    expect(page.locator("#search-summary")).to_contain_text("won")
+    expect(page.locator("#search-chart circle.trial-point")).to_have_count(3)
+    with service.api() as api:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["spec"]["tune"]["trials"] == 3 and len(job["search"]["trials"]) == 3
+    assert page.locator("#trials-table tbody tr").first.inner_text().startswith("0")
+    check_accessible(page)
+    console.assert_clean()

@@ -37,8 +37,20 @@ def test_form_covers_every_spec_field() -> None:
                 found.add(f"{prefix}{name}")
         return found
 
-    assert leaves(JobSpec) <= paths
+    # `tune` is offered as one search (find T and alpha, with a trial count), not field by field.
+    assert leaves(JobSpec) - {"tune"} <= paths and {"tune.find", "tune.trials"} <= paths
     assert all(f.help for f in form.fields), [f.name for f in form.fields if not f.help]
+
+
+def test_find_t_and_alpha_makes_a_tune_block_with_the_trial_count() -> None:
+    checked = spec_form().validate(_filled(**{"tune.find": True, "tune.trials": "6"}))
+    assert checked.ok, (checked.errors, checked.general)
+    assert checked.spec is not None and checked.spec.tune is not None
+    assert checked.spec.tune.trials == 6
+    assert set(checked.spec.tune.space) == {"method.temperature", "method.alpha"}
+    assert spec_form().validate(_filled()).spec.tune is None  # type: ignore[union-attr]
+    refused = spec_form().validate(_filled(**{"tune.find": True, "tune.trials": "0"}))
+    assert "tune.trials" in refused.errors
 
 
 def test_defaults_come_from_the_spec() -> None:
