@@ -34,6 +34,8 @@ class TextClassifier(nn.Module):
     then every layer) and its attention mask, which `kd_hidden` reads.
     """
 
+    model: Any  # a transformers PreTrainedModel (its config and methods are not nn.Module's)
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -173,7 +175,7 @@ def load_teacher_classifier(folder: HfFolder, class_names: list[str], *, field: 
 
     config = load_config(folder, field=field)
     check_classifier_family(config, field=field)
-    labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
+    labels: dict[str, Any] = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
               "label2id": {name: i for i, name in enumerate(class_names)}}
     try:
         with _quiet_transformers():

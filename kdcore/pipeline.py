@@ -126,7 +126,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
                                            seed=spec.seed, limits=limits.archive),
                                  sniff_teacher(inputs.teacher, archive_limits=limits.archive))
     # Before the teacher or the student take any memory: their sizes are known from shapes alone.
-    check_student_budget(spec.student.arch, spec.student.arch_args, data.input_shape, data.num_classes,
+    check_student_budget(spec.student.arch or "mlp", spec.student.arch_args, data.input_shape, data.num_classes,
                          spec.batch_size, limits)
     teacher = load_teacher(spec.teacher, inputs.teacher, input_shape=data.input_shape, num_classes=data.num_classes,
                            allow_code=options.allow_code_teachers, device=runtime.device,
@@ -227,7 +227,7 @@ def _build_models(spec: JobSpec, data: DataBundle, teacher: Teacher, state: RunS
     """The run's models, from the checkpoint where it has them. Student and baseline share one initialisation."""
     def fresh_student() -> nn.Module:
         torch.manual_seed(spec.seed)
-        return build_model(spec.student.arch, spec.student.arch_args, data.input_shape, data.num_classes)
+        return build_model(spec.student.arch or "mlp", spec.student.arch_args, data.input_shape, data.num_classes)
 
     student = fresh_student()
     if spec.student.init_from_teacher and "student" not in state.models:
@@ -371,7 +371,7 @@ def prepare_teacher_cache(spec: JobSpec, inputs: JobInputs, options: RunOptions,
     callbacks = callbacks or Callbacks()
     set_threads(spec.threads)
     runtime = make_runtime(spec.device, spec.precision)
-    _announce(callbacks, "check")
+    announce(callbacks, "check")
     seed_everything(spec.seed)
     data = _with_teacher_classes(load_data(spec.data, train_path=inputs.train, test_path=inputs.test,
                                            seed=spec.seed), sniff_teacher(inputs.teacher))

@@ -27,7 +27,7 @@ from kdcore.text_data import TokenBatch
 __all__ = ["export_hf_zip", "export_safetensors", "export_text_onnx"]
 
 
-def export_hf_zip(model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]) -> Path:
+def export_hf_zip(model: Any, tokenizer: Any, path: Path, metadata: dict[str, Any]) -> Path:
     """save_pretrained of model and tokenizer, plus distillery.json, zipped atomically."""
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         folder = Path(scratch) / "student"

@@ -222,7 +222,7 @@ def _hidden_loss(spec: JobSpec, teacher: TextClassifier, student: nn.Module) -> 
     depth = student.model.config.num_hidden_layers
     teacher_depth = teacher.model.config.num_hidden_layers
     layers = spec.student.teacher_layers or _default_layers(teacher_depth, depth)
-    projection = student.distill_projection
+    projection: nn.Module = getattr(student, "distill_projection", nn.Identity())
     teacher.capture_hidden = student.capture_hidden = True
     method = spec.method
 

@@ -152,11 +152,10 @@ def _prepare_search(job_run: JobRun, work: Path) -> Outcome:
 
     inputs = _download_inputs(job_run, work / "inputs")
     spec = parse_spec(job_run.spec)
-    if spec.threads is None:
-        spec = spec.model_copy(update={"threads": job_threads(job_run.settings)})
+    spec = spec.model_copy(update={"threads": capped_threads(job_run.settings, spec.threads)})
     cache_file = work / "teacher_cache.pt" if job_run.teacher_cache_key else None
     options = RunOptions(out_dir=work / "out", allow_code_teachers=job_run.settings.allow_code_teachers,
-                         teacher_cache=cache_file)
+                         teacher_cache=cache_file, limits=resource_limits(job_run.settings))
     written = prepare_teacher_cache(spec, inputs, options, JobCallbacks(job_run))
     if written is not None and job_run.teacher_cache_key is not None:
         job_run.storage.put_file(job_run.teacher_cache_key, written)
