@@ -151,9 +151,9 @@ def test_teacher_zips_get_the_member_limit(tmp_path: Path) -> None:
     members = {f"archive/data/{i}": b"\0" * 4 for i in range(50)} | {"archive/data.pkl": b"\x80\x02}q\x00."}
     path = _zip(tmp_path / "teacher.pt", members)
     assert sniff_teacher(path).format == "state_dict"
-    with pytest.raises(BadInputError, match=r"teacher file is a zip of 51 members, limit of 20") as err:
+    with pytest.raises(BadInputError, match=r"teacher file is a zip of 51 members, more than the limit of 20") as e:
         sniff_teacher(path, archive_limits=ArchiveLimits(max_members=20))
-    assert err.value.field == "teacher.file"
+    assert e.value.field == "teacher.file"
 
 
 def test_deeply_nested_safetensors_header_is_a_clear_error(tmp_path: Path) -> None:
