@@ -255,28 +255,27 @@ def copy_teacher_layers(teacher: nn.Module, student: nn.Module, layers: list[int
     Returns the number of parameters copied (0 where the widths differ throughout).
     """
     prefix, _ = encoder_layers(teacher)
-    renamed: dict[str, str] = {}
-    for student_index, teacher_index in enumerate(layers):
-        renamed[f"{prefix}.{teacher_index}."] = f"{prefix}.{student_index}."
-    student_state = student.state_dict()
+    # Keyed by the student's layer, so one teacher layer may seed several student layers.
+    sources = {f"{prefix}.{student_index}.": f"{prefix}.{teacher_index}." for student_index, teacher_index in enumerate(layers)}
+    teacher_state = teacher.state_dict()
     copied = 0
     with torch.no_grad():
-        for name, tensor in teacher.state_dict().items():
-            target = _student_name(name, prefix, renamed)
-            if target is None or target not in student_state or student_state[target].shape != tensor.shape:
+        for name, tensor in student.state_dict().items():
+            source = _teacher_name(name, prefix, sources)
+            if source is None or source not in teacher_state or teacher_state[source].shape != tensor.shape:
                 continue
-            student_state[target].copy_(tensor)
+            tensor.copy_(teacher_state[source])
             copied += tensor.numel()
     return copied
 
 
-def _student_name(name: str, prefix: str, renamed: dict[str, str]) -> str | None:
+def _teacher_name(name: str, prefix: str, sources: dict[str, str]) -> str | None:
     if not name.startswith(f"{prefix}."):
         return name
-    for teacher_prefix, student_prefix in renamed.items():
-        if name.startswith(teacher_prefix):
-            return student_prefix + name.removeprefix(teacher_prefix)
-    return None  # a teacher layer the student does not keep
+    for student_prefix, teacher_prefix in sources.items():
+        if name.startswith(student_prefix):
+            return teacher_prefix + name.removeprefix(student_prefix)
+    return None  # a student layer beyond the map: it stays as initialised
 
 
 def load_pretrained_student(folder: HfFolder, teacher_tokenizer: Any, class_names: list[str]) -> StudentPlan:

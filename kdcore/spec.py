@@ -388,6 +388,9 @@ def for_task(spec: JobSpec, task: ResolvedTask) -> JobSpec:
             errors.append({"field": field, "message": "only text jobs (hf students) take this"})
         if spec.method.name == "kd_hidden":
             errors.append({"field": "method.name", "message": "kd_hidden matches transformer layers: text jobs only"})
+    if task == "text_classification" and student.arch != "hf" and "hf" in resolved.export:
+        errors.append({"field": "export", "message": f"a {student.arch} student has no Hugging Face folder to "
+                       "export; use safetensors or onnx"})
     if student.arch != "hf" and spec.method.name == "kd_hidden":
         errors.append({"field": "method.name", "message": "kd_hidden needs an hf student (student.arch: hf)"})
     if errors:

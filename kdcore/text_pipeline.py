@@ -52,7 +52,7 @@ from kdcore.teacher import Teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
 from kdcore.teacher_sniff import sniff_teacher
 from kdcore.text_data import TextData, TokenBatch, TokenBatches, TokenizedSplit, collate, load_text_data
-from kdcore.trainer import ProgressTracker, Trainer
+from kdcore.trainer import ProgressTracker, Stage, Trainer
 
 LATENCY_TOKENS = 128  # the sequence length CPU latency is stated for (or max_length where shorter)
 DISAGREEMENTS_SHOWN = 8
@@ -119,6 +119,9 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
         if stage.model_key != "teacher" and student_plan is None:
             # Built after the teacher's fine-tune: the layer copy takes the adapted teacher.
             student_plan = _students(spec, inputs, folder, tokenizer, teacher_model, data, scratch, state, models)
+            if state.rng is not None and _checkpointed_after_students(state, stages):
+                # Building a student reseeds the global RNG; a checkpoint taken later holds the stream to go on with.
+                restore_rng(state.rng)
         if stage_finished(stage, stages, state):
             continue
         model = models[stage.model_key].to(runtime.device)
@@ -146,6 +149,10 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     if not options.keep_checkpoint:
         checkpointer.clear()
     return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
+
+
+def _checkpointed_after_students(state: RunState, stages: list[Stage]) -> bool:
+    return any(stage.name == state.stage and stage.model_key != "teacher" for stage in stages)
 
 
 def _check_one_batch(teacher: TextClassifier, train: TokenBatches, num_classes: int) -> None:
