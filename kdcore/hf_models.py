@@ -128,11 +128,15 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging
 
     previous = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()  # "Loading weights" bars in a worker's log say nothing the job's progress does not
     try:
         yield
     finally:
         logging.set_verbosity(previous)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_config(folder: HfFolder, *, field: str) -> Any:
