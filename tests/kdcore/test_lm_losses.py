@@ -77,7 +77,8 @@ def test_chunked_loss_and_gradient_equal_unchunked() -> None:
     for chunk in (1, 4, 100):
         leaf = student.clone().requires_grad_(True)
         settings = LossSettings(divergence="reverse_kl", alpha=0.5, vocab=10)
-        lm_loss(leaf, labels, _identity, settings, teacher=lambda a, b: teacher[a:b], chunk_tokens=chunk).loss.backward()
+        result = lm_loss(leaf, labels, _identity, settings, teacher=lambda a, b: teacher[a:b], chunk_tokens=chunk)
+        result.loss.backward()
         assert leaf.grad is not None
         grads.append(leaf.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
