@@ -275,7 +275,8 @@ def _students(spec: JobSpec, config: Any, vocab: int, teachers: TeacherLoader, s
     if student_folder is not None:
         plan = load_pretrained_lm_student(student_folder, tokenizer)
     else:
-        resumed = "student" in state.models  # its weights come from the checkpoint: the teacher need not load
+        # Every model built here comes from the checkpoint: the teacher's layers need not be read.
+        resumed = all(key in state.models for key in ("student", "baseline")[:1 + spec.stages.baseline])
         source = teachers.get().model if spec.student.init_from_teacher and not resumed else None
         plan = build_lm_student(config, HFArgs.model_validate(spec.student.arch_args), vocab=vocab, seed=spec.seed,
                                 teacher=source, teacher_layers=spec.student.teacher_layers)

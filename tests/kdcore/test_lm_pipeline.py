@@ -144,9 +144,9 @@ def test_cancel_during_distill_stops_within_one_step(workdir: Path, tmp_path: Pa
 def test_resumed_run_ends_with_the_same_student(workdir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    spec = _spec(workdir, stages={"distill_epochs": 2}, export=["safetensors"])
+    spec = _spec(workdir, stages={"distill_epochs": 2, "baseline": True}, export=["safetensors"])
     straight_recorder = Recorder()
-    _run(spec, tmp_path / "straight", straight_recorder, progress_interval_s=0.0)
+    straight_run = _run(spec, tmp_path / "straight", straight_recorder, progress_interval_s=0.0)
     steps_per_epoch = max(p.step for p in straight_recorder.progress if p.stage == "distill")
 
     checkpoints = tmp_path / "checkpoints"
@@ -155,7 +155,10 @@ def test_resumed_run_ends_with_the_same_student(workdir: Path, tmp_path: Path) -
              checkpoint_dir=checkpoints)
     recorder = Recorder()
     resumed = _run(spec, tmp_path / "resumed", recorder, checkpoint_dir=checkpoints)
-    assert resumed.resumed_from == ("distill", 1) and [e.epoch for e in recorder.epochs] == [2]
+    assert resumed.resumed_from == ("distill", 1)
+    assert [(e.stage, e.epoch) for e in recorder.epochs] == [("distill", 2), ("baseline", 1), ("baseline", 2)]
+    # The baseline starts from the same teacher-copied initialisation as in the uninterrupted run.
+    assert resumed.metrics["baseline"]["loss"] == pytest.approx(straight_run.metrics["baseline"]["loss"], rel=1e-5)
     straight = load_file(str(tmp_path / "straight" / "student.safetensors"))
     again = load_file(str(tmp_path / "resumed" / "student.safetensors"))
     assert straight.keys() == again.keys()
@@ -180,3 +183,38 @@ def test_job_over_the_memory_limit_is_refused_with_the_estimate(workdir: Path, t
         _run(_spec(workdir), tmp_path, limits=limits)
     assert "estimated training memory" in caught.value.message and "student" in caught.value.message
     assert caught.value.field == "batch_size"
+
+
+def test_teacher_finetune_then_chat_distillation_exports_the_adapted_teacher(workdir: Path, tmp_path: Path) -> None:
+    from tests.lm_models import write_chat_jsonl
+
+    write_chat_jsonl(tmp_path / "chat.jsonl", sentences(40, seed=4))
+    spec = _spec(workdir, "gpt2", data={"train": str(tmp_path / "chat.jsonl"), "test": None},
+                 stages={"teacher_finetune_epochs": 2, "distill_epochs": 1}, optim={"teacher_lr": 5e-3},
+                 export=["hf"])
+    recorder = Recorder()
+    result = _run(spec, tmp_path / "out", recorder)
+    assert result.metrics["data_kind"] == "chat"
+    assert recorder.stages.index("teacher_finetune") < recorder.stages.index("distill")
+    history = (tmp_path / "out" / "history.csv").read_text().splitlines()
+    teacher_rows = [line for line in history if line.startswith("teacher_finetune")]
+    assert len(teacher_rows) == 2
+    header = history[0].split(",")
+    losses = [float(row.split(",")[header.index("train_loss")]) for row in teacher_rows]
+    assert losses[1] < losses[0]  # the teacher learns the assistant turns
+    assert {"teacher_hf.zip", "student_hf.zip"} <= {path.name for path in result.artifacts}
+
+
+def test_bf16_job_holds_the_frozen_teacher_in_bf16(workdir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    dtypes: list[torch.dtype] = []
+    real = lm_pipeline.load_causal_lm
+
+    def record(folder: Any, tokenizer: Any, *, field: str, **kwargs: Any) -> Any:
+        dtypes.append(kwargs.get("dtype", torch.float32))
+        return real(folder, tokenizer, field=field, **kwargs)
+
+    monkeypatch.setattr(lm_pipeline, "load_causal_lm", record)
+    result = _run(_spec(workdir, "gpt2", precision="bf16", export=["safetensors"]), tmp_path)
+    assert dtypes == [torch.bfloat16]
+    assert result.metrics["student"]["loss"] > 0
