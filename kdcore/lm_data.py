@@ -64,10 +64,6 @@ class LMSplit:
         starts, ends = self.offsets[:-1], self.offsets[1:]
         return running[ends] - running[torch.minimum(starts + 1, ends)]
 
-    def subset(self, indices: Sequence[int]) -> LMSplit:
-        return from_sequences([(self.sequence(i), self.targets[int(self.offsets[i]):int(self.offsets[i + 1])]
-                                .tolist(), int(self.prompt_lengths[i])) for i in indices], truncated=0)
-
 
 @dataclass
 class LMData:

@@ -162,11 +162,11 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     hard = LossSettings(vocab=vocab)
     soft = LossSettings(divergence=method.divergence, beta=method.beta, temperature=method.temperature,
                         alpha=method.alpha, vocab=vocab)
+    if data.kind == "prompt" and spec.stages.teacher_finetune_epochs:
+        raise KDError("prompt-only rows have no answers to fine-tune the teacher on: set "
+                      "stages.teacher_finetune_epochs to 0, or give prompt + completion rows",
+                      field="stages.teacher_finetune_epochs", code="bad_input")
     eval_name, eval_split = _eval_split(data)
-    if method.name == "seq_kd" and not int(eval_split.label_counts().sum()):
-        # Prompts alone: the teacher's answers are the reference the models are scored against.
-        eval_split = with_answers(eval_split, _answers(spec, teachers, eval_split, tokenizer, state, "eval"),
-                                  data.max_length)
     teacher_eval: Evaluation | None = _cached_eval(cache)
     models: dict[str, CausalLM] = {}
     plan: StudentPlan | None = None
@@ -177,6 +177,8 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
         if stage.model_key != "teacher" and plan is None:
             # Built after the teacher's fine-tune: the layer copy takes the adapted teacher.
             plan = _students(spec, config, vocab, teachers, student_folder, tokenizer, state, models)
+            if cache is not None and not spec.stages.teacher_finetune_epochs:
+                teachers.release()  # read for the layer copy only: the cache holds the rest
             if state.rng is not None and any(s.name == state.stage and s.model_key != "teacher" for s in stages):
                 restore_rng(state.rng)  # building a student reseeds; a later checkpoint holds the stream to go on with
         if method.name == "seq_kd" and stage.name != "teacher_finetune" and label_train is data.train:
@@ -200,6 +202,10 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     assert plan is not None  # the spec requires a student stage
 
     announce(callbacks, "evaluate", fraction=1.0)
+    if method.name == "seq_kd" and not int(eval_split.label_counts().sum()):
+        # Prompts alone: the (adapted) teacher's answers are the reference every model is scored against.
+        eval_split = with_answers(eval_split, _answers(spec, teachers, eval_split, tokenizer, state, "eval"),
+                                  data.max_length)
     if teacher_eval is None:
         teacher_eval = _evaluate(teachers.get(), eval_split, tokenizer, runtime, spec, params=folder.info.params)
     metrics = _metrics(spec, data, eval_name, eval_split, teacher_eval, models, tokenizer, runtime, plan, state)
@@ -282,7 +288,7 @@ def _students(spec: JobSpec, config: Any, vocab: int, teachers: TeacherLoader, s
                                 teacher=source, teacher_layers=spec.student.teacher_layers)
     assert isinstance(plan.model, CausalLM)
     if spec.gradient_checkpointing:
-        plan.model.model.gradient_checkpointing_enable()
+        _checkpointing(plan.model.model, "enable")()
     models.update(student=plan.model, baseline=copy.deepcopy(plan.model))
     device = teachers.runtime.device
     for key in ("student", "baseline"):
@@ -293,6 +299,12 @@ def _students(spec: JobSpec, config: Any, vocab: int, teachers: TeacherLoader, s
         state.info.update(shared_parameters=plan.shared_parameters, student=plan.description,
                           teacher_layers=plan.teacher_layers)
     return plan
+
+
+def _checkpointing(model: Any, action: str) -> Any:
+    """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; either works here."""
+    return getattr(model, f"activation_checkpointing_{action}", None) or getattr(model,
+                                                                             f"gradient_checkpointing_{action}")
 
 
 # --- the teacher's targets ------------------------------------------------------------------------------
@@ -445,7 +457,7 @@ def _export(spec: JobSpec, models: dict[str, CausalLM], teachers: TeacherLoader,
     out = options.out_dir
     student = models["student"].cpu().eval()
     if spec.gradient_checkpointing:
-        student.model.gradient_checkpointing_disable()
+        _checkpointing(student.model, "disable")()
     metadata = {"task": "causal_lm", "arch": spec.student.arch, "arch_args": spec.student.arch_args,
                 "student": plan.description, "vocab": student.vocab, "max_length": spec.data.max_length}
     artifacts = []

@@ -139,3 +139,11 @@ def test_pretrained_student_of_the_same_tokenizer_loads(root: Path) -> None:
     folder = unpack_hf_zip(root / "small_student.zip", root / "small_unpacked", field="student.file")
     plan = load_pretrained_lm_student(folder, tokenizer)
     assert "1 layers x 16" in plan.description
+
+
+def test_the_sniffers_decoder_families_are_causal_lms_in_transformers() -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from kdcore.hf_sniff import _DECODER_TYPES
+
+    assert set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) >= _DECODER_TYPES
