@@ -70,6 +70,11 @@ class TeacherTopKCache:
     def k(self) -> int:
         return int(self.top.ids.shape[1])
 
+    def fits(self, split: LMSplit) -> bool:
+        """The same examples with the same scored tokens (a key guards this; a tokenizer update might not)."""
+        return len(self.offsets) == len(split) + 1 and torch.equal(self.offsets[1:] - self.offsets[:-1],
+                                                                   split.label_counts())
+
     def rows_for(self, indices: torch.Tensor) -> torch.Tensor:
         """Row numbers of the examples `indices`, concatenated in that order (a batch's scored tokens)."""
         starts = self.offsets[indices]

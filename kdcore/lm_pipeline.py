@@ -126,6 +126,9 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
                      f"tokens; {data.info['truncated']} truncated to {data.max_length}")
 
     cache, cache_path = _find_cache(spec, inputs, options)
+    if cache is not None and not cache.fits(data.train):
+        callbacks.on_log("the cached teacher top-K does not fit this tokenisation of the data: computed again")
+        cache = None
     cache_reused = cache is not None
     student_folder = None
     if spec.student.file is not None:

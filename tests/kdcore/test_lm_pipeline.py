@@ -220,3 +220,20 @@ def test_bf16_job_holds_the_frozen_teacher_in_bf16(workdir: Path, tmp_path: Path
     result = _run(_spec(workdir, "gpt2", precision="bf16", export=["safetensors"]), tmp_path)
     assert dtypes == [torch.bfloat16]
     assert result.metrics["student"]["loss"] > 0
+
+
+def test_a_cache_that_does_not_fit_the_data_is_computed_again(workdir: Path, tmp_path: Path) -> None:
+    spec = _spec(workdir, "gpt2", method={"top_k": 4}, export=["safetensors"])
+    cache_dir = tmp_path / "cache"
+    first = _run(spec, tmp_path / "first", lm_cache_dir=cache_dir)
+    (path,) = cache_dir.glob("*.safetensors")
+    from kdcore.lm_cache import TeacherTopKCache
+
+    cache = TeacherTopKCache.load(path)
+    cache.offsets = cache.offsets[:-1]  # as if the data had been tokenised otherwise when it was made
+    cache.save(path)
+    recorder = Recorder()
+    second = _run(spec, tmp_path / "second", recorder, lm_cache_dir=cache_dir)
+    assert any("does not fit" in line for line in recorder.logs)
+    assert second.metrics["teacher_cache"]["reused"] is False
+    assert second.metrics["student"]["loss"] == pytest.approx(first.metrics["student"]["loss"], rel=1e-5)
