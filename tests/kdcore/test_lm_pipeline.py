@@ -237,3 +237,21 @@ def test_a_cache_that_does_not_fit_the_data_is_computed_again(workdir: Path, tmp
     assert any("does not fit" in line for line in recorder.logs)
     assert second.metrics["teacher_cache"]["reused"] is False
     assert second.metrics["student"]["loss"] == pytest.approx(first.metrics["student"]["loss"], rel=1e-5)
+
+
+def test_cli_distills_a_language_model_and_keeps_the_cache(workdir: Path, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from kdcore.cli import app
+
+    spec = {"teacher": {"file": str(workdir / "gpt2.zip")}, "student": {"arch_args": {"num_hidden_layers": 1}},
+            "data": {"train": str(workdir / "train.jsonl"), "max_length": 32}, "method": {"top_k": 4},
+            "export": ["safetensors"], "threads": 1}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = CliRunner().invoke(app, ["distill", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out"),
+                                    "--no-progress", "--lm-cache-dir", str(tmp_path / "cache")])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output.strip().splitlines()[-1])
+    assert set(summary["loss"]) == {"teacher", "student"} and summary["loss"]["student"] > 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
