@@ -28,6 +28,7 @@ import torch
 
 from kdcore.errors import BadInputError
 from kdcore.spec import DataSpec
+from kdcore.text_data import BUCKET_BATCHES
 from kdcore.text_sniff import read_rows
 
 IGNORE = -100
@@ -134,8 +135,17 @@ class LMBatches:
         return math.ceil(len(self.split) / batch_size)
 
     def epoch_order(self, batch_size: int, rng: torch.Generator) -> list[torch.Tensor]:
+        """Shuffled, then length-bucketed as text classification is (`kdcore.text_data.TokenBatches`):
+        packed blocks are all one length anyway, chats and completions then pad little."""
         order = torch.randperm(len(self.split), generator=rng)
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        lengths = self.split.lengths
+        chunk = batch_size * BUCKET_BATCHES
+        batches: list[torch.Tensor] = []
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            part = part[torch.argsort(lengths[part], stable=True)]
+            batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=rng).tolist()]
 
     def train_batch(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[LMBatch, torch.Tensor]:
         batch = self.collate(indices)

@@ -120,6 +120,10 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     vocab = len(tokenizer)
     data = load_lm_data(spec.data, train_path=inputs.train, test_path=inputs.test, tokenizer=tokenizer,
                         seed=spec.seed, seq_kd=method.name == "seq_kd")
+    if data.kind == "prompt" and spec.stages.teacher_finetune_epochs:
+        raise KDError("prompt-only rows have no answers to fine-tune the teacher on: set "
+                      "stages.teacher_finetune_epochs to 0, or give prompt + completion rows",
+                      field="stages.teacher_finetune_epochs", code="bad_input")
     pad_id = int(tokenizer.pad_token_id)
     callbacks.on_log(f"data ({data.kind}): {len(data.train)} train, {len(data.val) if data.val else 0} validation, "
                      f"{len(data.test) if data.test else 0} test sequences; {data.info['train_tokens']} training "
@@ -165,10 +169,6 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     hard = LossSettings(vocab=vocab)
     soft = LossSettings(divergence=method.divergence, beta=method.beta, temperature=method.temperature,
                         alpha=method.alpha, vocab=vocab)
-    if data.kind == "prompt" and spec.stages.teacher_finetune_epochs:
-        raise KDError("prompt-only rows have no answers to fine-tune the teacher on: set "
-                      "stages.teacher_finetune_epochs to 0, or give prompt + completion rows",
-                      field="stages.teacher_finetune_epochs", code="bad_input")
     eval_name, eval_split = _eval_split(data)
     teacher_eval: Evaluation | None = _cached_eval(cache)
     models: dict[str, CausalLM] = {}

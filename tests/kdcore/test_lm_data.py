@@ -176,3 +176,15 @@ def test_lm_method_values_are_checked() -> None:
         with pytest.raises(SpecError) as caught:
             parse_spec({**BASE, "method": patch})
         assert caught.value.errors[0]["field"] == field
+
+
+def test_epoch_order_covers_every_sequence_once_in_length_buckets(tmp_path: Path, tokenizer: Any) -> None:
+    from kdcore.lm_data import LMBatches
+
+    path = write_completion_jsonl(tmp_path / "pc.jsonl", sentences(60, seed=5))
+    data = _data(path, tokenizer, val_fraction=0.0)
+    batches = LMBatches(data.train, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    order = batches.epoch_order(8, torch.Generator().manual_seed(0))
+    assert len(order) == batches.steps_per_epoch(8)
+    assert sorted(torch.cat(order).tolist()) == list(range(60))
+    assert [b.tolist() for b in order] == [b.tolist() for b in batches.epoch_order(8, torch.Generator().manual_seed(0))]
