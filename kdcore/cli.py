@@ -68,6 +68,10 @@ def distill_command(
         "--allow-code-teachers", envvar="DISTILLERY_ALLOW_CODE_TEACHERS",
         help="Load TorchScript and torch.export teachers (they run code: only for files you trust).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    lm_cache_dir: Annotated[Path | None, typer.Option(
+        "--lm-cache-dir", envvar="DISTILLERY_LM_CACHE_DIR",
+        help="causal_lm with method.top_k: keep the teacher's top-K here, so a later job of the same teacher "
+        "and data trains without running it.")] = None,
 ) -> None:
     """Distill a teacher into a student on this machine and write the artifacts to --out."""
     from kdcore.pipeline import JobInputs, RunOptions, run_job
@@ -82,7 +86,7 @@ def distill_command(
                 raise KDError(f"no such file: {path}", field=field, code="bad_input")
         bar = ProgressBar(enabled=progress and sys.stderr.isatty(), epoch_lines=progress)
         try:
-            result = run_job(spec, inputs, RunOptions(out_dir=out, resume=resume,
+            result = run_job(spec, inputs, RunOptions(out_dir=out, resume=resume, lm_cache_dir=lm_cache_dir,
                                                       allow_code_teachers=allow_code_teachers), bar)
         finally:
             bar.close()
@@ -100,8 +104,10 @@ def distill_command(
                    err=True)
         raise typer.Exit(1) from None
     metrics = result.metrics
-    summary = {key: metrics[key]["accuracy"] for key in ("teacher", "student", "baseline") if metrics.get(key)}
-    typer.echo(json.dumps({"out": str(out), "accuracy": summary, "compression": round(metrics["compression"], 2),
+    # A language model is summed up by its loss in nats per token; a classifier by its accuracy.
+    measure = "loss" if metrics.get("task") == "causal_lm" else "accuracy"
+    summary = {key: metrics[key][measure] for key in ("teacher", "student", "baseline") if metrics.get(key)}
+    typer.echo(json.dumps({"out": str(out), measure: summary, "compression": round(metrics["compression"], 2),
                            "speedup": round(metrics["speedup"], 2)}))
 
 

@@ -130,7 +130,7 @@ def _quiet_transformers() -> Iterator[None]:
     previous = logging.get_verbosity()
     bars = logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
-    logging.disable_progress_bar()  # "Loading weights" bars in a worker's log say nothing the job's progress does not
+    logging.disable_progress_bar()  # a job's log is not a terminal: no "Loading weights" bars in it
     try:
         yield
     finally:
@@ -312,8 +312,19 @@ def check_same_tokenizer(teacher: Any, student: Any, *, field: str) -> None:
     differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda item: item[1])[:3]
     listed = ", ".join(f"{token!r} (id {index})" for token, index in differing)
     raise MismatchError(f"the student's tokenizer differs from the teacher's ({len(teacher_vocab)} against "
-                        f"{len(student_vocab)} tokens; first differences: {listed}): both must share one tokenizer",
-                        field=field)
+                        f"{len(student_vocab)} tokens; first differences: {listed}; by id: "
+                        f"{'; '.join(first_differing_ids(teacher_vocab, student_vocab))}): both must share one "
+                        "tokenizer", field=field)
+
+
+def first_differing_ids(teacher_vocab: dict[str, int], student_vocab: dict[str, int], count: int = 3) -> list[str]:
+    """The lowest ids whose token differs, each side's token named (None where a side has no such id)."""
+    teacher_tokens = {index: token for token, index in teacher_vocab.items()}
+    student_tokens = {index: token for token, index in student_vocab.items()}
+    differing = [index for index in sorted(set(teacher_tokens) | set(student_tokens))
+                 if teacher_tokens.get(index) != student_tokens.get(index)][:count]
+    return [f"id {index} is {teacher_tokens.get(index)!r} for the teacher, {student_tokens.get(index)!r} for the "
+            "student" for index in differing]
 
 
 def build_text_bilstm(teacher: TextClassifier, args: TextBiLSTMArgs, *, num_classes: int, pad_id: int,

@@ -74,6 +74,9 @@ class RunOptions:
     # The teacher's logits on the training split: read when the file exists, written when it does not
     # (a tuned job's trials share the one its parent computed).
     teacher_cache: Path | None = None
+    # causal_lm with method.top_k: the folder of content-addressed teacher top-K caches (one per user, say);
+    # a job whose key is there trains without loading the teacher. None keeps the cache in memory only.
+    lm_cache_dir: Path | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -93,6 +96,12 @@ def plan_stages(spec: JobSpec, teacher: Teacher) -> list[Stage]:
         raise KDError(f"a {teacher.format} teacher cannot be fine-tuned here; set stages.teacher_finetune_epochs "
                       "to 0 or hand in safetensors, a state_dict or TorchScript",
                       field="stages.teacher_finetune_epochs", code="bad_input")
+    return stage_plan(spec)
+
+
+def stage_plan(spec: JobSpec) -> list[Stage]:
+    """The stages a spec asks for, in order, with their epochs and learning rates."""
+    stages = spec.stages
     teacher_lr = spec.optim.teacher_lr or spec.optim.lr / 10
     planned = [
         ("teacher_finetune", "teacher", stages.teacher_finetune_epochs, teacher_lr),
@@ -111,6 +120,10 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         from kdcore.text_pipeline import run_text_job
 
         return run_text_job(for_task(spec, task), inputs, options, callbacks)
+    if task == "causal_lm":
+        from kdcore.lm_pipeline import run_lm_job
+
+        return run_lm_job(for_task(spec, task), inputs, options, callbacks)
     spec = for_task(spec, task)
     set_threads(spec.threads)
     runtime = make_runtime(spec.device, spec.precision)
@@ -351,11 +364,17 @@ def write_reports(spec: JobSpec, source: str, metrics: dict[str, Any], state: Ru
     tensorboard_dir = out / "tensorboard"
     shutil.rmtree(tensorboard_dir, ignore_errors=True)
     report.write_tensorboard(state.history, tensorboard_dir)
+    if metrics.get("task") == "causal_lm":
+        from kdcore.lm_report import write_lm_report_md
+
+        model_card = write_lm_report_md(spec, metrics, source, out / "report.md")
+    else:
+        model_card = report.write_report_md(spec, metrics, source, out / "report.md")
     return [
         metrics_path,
         report.write_history_csv(state.history, out / "history.csv"),
         report.write_curves_png(state.history, out / "curves.png"),
-        report.write_report_md(spec, metrics, source, out / "report.md"),
+        model_card,
         *sorted(p for p in tensorboard_dir.rglob("*") if p.is_file()),
     ]
 

@@ -20,10 +20,11 @@ from kdcore.tune_space import apply_settings, check_path
 
 TeacherFormat = Literal["auto", "torchscript", "exported", "safetensors", "onnx", "state_dict", "hf"]
 ExportFormat = Literal["safetensors", "torchscript", "onnx", "hf"]
-Task = Literal["auto", "image_classification", "text_classification"]
-ResolvedTask = Literal["image_classification", "text_classification"]
+Task = Literal["auto", "image_classification", "text_classification", "causal_lm"]
+ResolvedTask = Literal["image_classification", "text_classification", "causal_lm"]
 IMAGE_EXPORTS: list[ExportFormat] = ["safetensors", "torchscript", "onnx"]
 TEXT_EXPORTS: list[ExportFormat] = ["hf", "safetensors", "onnx"]
+LM_EXPORTS: list[ExportFormat] = ["hf", "safetensors"]
 Augment = Literal["none", "flip_crop", "shift"]
 Precision = Literal["fp32", "bf16", "fp16"]
 MAX_SPEC_BYTES = 1_000_000
@@ -141,19 +142,55 @@ class DataSpec(_Strict):
         default="label", min_length=1, max_length=200, description="Text jobs: the label column (names or integers)."
     )
     max_length: int = Field(
-        default=128, ge=4, le=8192, description="Text jobs: tokens per example, longer texts are truncated."
+        default=128, ge=4, le=8192,
+        description="Text jobs: tokens per example, longer texts are truncated; causal_lm: the block length "
+        "documents are packed into (default 256).",
+    )
+    prompt_field: str = Field(
+        default="prompt", min_length=1, max_length=200,
+        description="causal_lm: the prompt column; with completion_field the loss is on the completion only, "
+        "alone (prompt-only rows) it is valid for seq_kd, whose teacher writes the answers.",
+    )
+    completion_field: str = Field(
+        default="completion", min_length=1, max_length=200, description="causal_lm: the answer to a prompt."
+    )
+    messages_field: str = Field(
+        default="messages", min_length=1, max_length=200,
+        description="causal_lm: a chat as [{role, content}, ...], rendered by the tokenizer's chat template; the "
+        "loss is on the assistant turns only.",
     )
 
 
 class MethodSpec(_Strict):
-    name: Literal["kd", "kd_hidden"] = Field(
+    name: Literal["kd", "kd_hidden", "seq_kd"] = Field(
         default="kd",
         description="kd: Hinton soft targets on the logits; kd_hidden (hf students): plus the hidden states of the "
-        "layers of student.teacher_layers matched by cosine (DistilBERT), projected where widths differ.",
+        "layers of student.teacher_layers matched by cosine (DistilBERT), projected where widths differ; seq_kd "
+        "(causal_lm): the teacher writes answers to the prompts and the student learns them (Kim & Rush 2016).",
     )
-    temperature: float = Field(default=4.0, gt=0, le=1000, description="Softmax temperature T (> 0).")
+    temperature: float = Field(default=4.0, gt=0, le=1000, description="Softmax temperature T (> 0); causal_lm: 1.")
     alpha: float = Field(default=0.9, ge=0.0, le=1.0, description="Weight of the soft term; 1 = labels unused.")
     hidden_weight: float = Field(default=1.0, ge=0.0, le=1000.0, description="kd_hidden: weight of the hidden term.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        default="forward_kl",
+        description="causal_lm kd: the soft term per token; forward_kl KL(teacher || student) covers every mode "
+        "of the teacher, reverse_kl KL(student || teacher) seeks one (MiniLLM), jsd mixes both with beta.",
+    )
+    beta: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="causal_lm jsd: the teacher's weight in the mixture m = beta*p_teacher + (1-beta)*p_student.",
+    )
+    top_k: int = Field(
+        default=0, ge=0, le=4096,
+        description="causal_lm kd: cache and match only the teacher's top-k tokens per position, the rest as one "
+        "tail bucket (0 = the full vocabulary, the teacher run live).",
+    )
+    max_new_tokens: int = Field(
+        default=128, ge=1, le=8192, description="seq_kd: the longest answer the teacher writes, in tokens."
+    )
+    sampling: Literal["greedy", "sample"] = Field(
+        default="greedy", description="seq_kd: the teacher's decoding; sample draws at temperature 1 (seeded)."
+    )
 
 
 class StagesSpec(_Strict):
@@ -299,7 +336,8 @@ class TuneSpec(_Strict):
 class JobSpec(_Strict):
     name: str | None = Field(default=None, max_length=200, description="Optional label.")
     task: Task = Field(
-        default="auto", description="auto (from the teacher: an hf encoder → text_classification) or the task itself."
+        default="auto", description="auto (from the teacher: an hf encoder → text_classification, an hf "
+        "...ForCausalLM → causal_lm) or the task itself."
     )
     teacher: TeacherSpec
     student: StudentSpec = Field(default_factory=StudentSpec)
@@ -312,6 +350,9 @@ class JobSpec(_Strict):
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed for splits, init and shuffling.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     precision: Precision = Field(default="fp32", description="Autocast precision for training.")
+    gradient_checkpointing: bool = Field(
+        default=False, description="causal_lm: recompute the student's layers in backward; less memory, ~30% slower."
+    )
     threads: int | None = Field(default=None, ge=1, le=512, description="torch threads; default: the machine's.")
     export: list[ExportFormat] = Field(
         default=IMAGE_EXPORTS, description="Student exports; text jobs default to hf, safetensors and onnx."
@@ -360,8 +401,11 @@ def for_task(spec: JobSpec, task: ResolvedTask) -> JobSpec:
     """The spec with the task's own defaults where the user left a field unset; the task then fixed.
 
     Text jobs default to an hf student initialised from the teacher and hf exports; an image
-    architecture or export given explicitly for text (or the reverse) is an error naming the field.
+    architecture or export given explicitly for text (or the reverse) is an error naming the field,
+    as is a field of another task (kd_hidden or a label column for causal_lm, a divergence for images).
     """
+    if task == "causal_lm":
+        return _for_causal_lm(spec)
     resolved = spec.model_copy(deep=True, update={"task": task})
     student = resolved.student
     if student.arch is None:
@@ -372,7 +416,7 @@ def for_task(spec: JobSpec, task: ResolvedTask) -> JobSpec:
             raise SpecError([{"field": "student.arch_args", "message": str(exc)}]) from None
     if task == "text_classification":
         _text_defaults(spec, resolved)
-    errors = []
+    errors = _lm_only_fields(spec)
     if ARCHITECTURES[student.arch].task != task:
         same = ", ".join(name for name, entry in sorted(ARCHITECTURES.items()) if entry.task == task)
         errors.append({"field": "student.arch", "message": f"{student.arch!r} is not a {task} architecture; use one "
@@ -395,6 +439,87 @@ def for_task(spec: JobSpec, task: ResolvedTask) -> JobSpec:
         errors.append({"field": "method.name", "message": "kd_hidden needs an hf student (student.arch: hf)"})
     if errors:
         raise SpecError(errors)
+    return resolved
+
+
+# Settings that only a causal_lm job reads; elsewhere a value set for them is an error, not ignored.
+_LM_METHOD_FIELDS = ("divergence", "beta", "top_k", "max_new_tokens", "sampling")
+_LM_DATA_FIELDS = ("prompt_field", "completion_field", "messages_field")
+
+
+def _lm_only_fields(spec: JobSpec) -> list[dict[str, str]]:
+    errors = [{"field": f"method.{name}", "message": "only causal_lm jobs take this"}
+              for name in _LM_METHOD_FIELDS if name in spec.method.model_fields_set]
+    errors += [{"field": f"data.{name}", "message": "only causal_lm jobs take this"}
+               for name in _LM_DATA_FIELDS if name in spec.data.model_fields_set]
+    if spec.method.name == "seq_kd":
+        errors.append({"field": "method.name", "message": "seq_kd (teacher-written answers) is for causal_lm jobs"})
+    if spec.gradient_checkpointing:
+        errors.append({"field": "gradient_checkpointing", "message": "only causal_lm jobs take this"})
+    return errors
+
+
+# Fields of the other tasks a causal_lm job would silently ignore; each is refused by name instead.
+_NOT_LM_DATA = {
+    "label_field": "a language model's labels are the next tokens",
+    "text_pair_field": "sentence pairs are for text classification",
+    "normalize": "image jobs only", "augment": "image jobs only", "mixup": "image jobs only",
+    "image_size": "image jobs only",
+}
+# Language-model settings (Chinchilla-era small-model pretraining and TRL's SFT/GKD defaults, scaled down).
+_LM_OPTIM = {"lr": 5e-4, "teacher_lr": 1e-4, "weight_decay": 0.01, "schedule": "cosine", "warmup_ratio": 0.05}
+_LM_JOB = {"batch_size": 8, "eval_batch_size": 16}
+
+
+def _for_causal_lm(spec: JobSpec) -> JobSpec:
+    """causal_lm: an hf student (the teacher's family, or student.file) sharing the teacher's tokenizer."""
+    resolved = spec.model_copy(deep=True, update={"task": "causal_lm"})
+    student, method = resolved.student, resolved.method
+    errors = [{"field": f"data.{name}", "message": f"causal_lm does not take this: {why}"}
+              for name, why in _NOT_LM_DATA.items() if name in spec.data.model_fields_set]
+    if student.arch is None:
+        student.arch = "hf"
+        try:
+            _check_arch_args(student.arch, student.arch_args)
+        except ValueError as exc:
+            errors.append({"field": "student.arch_args", "message": str(exc)})
+    if spec.precision == "fp16":
+        errors.append({"field": "precision", "message": "causal_lm trains in fp32 or bf16 (fp16 needs loss scaling "
+                       "a token-level loss does not get here): use bf16"})
+    if student.arch != "hf":
+        errors.append({"field": "student.arch", "message": f"{student.arch!r} is not a causal_lm student; use hf "
+                       "(the teacher's family with arch_args) or student.file"})
+    if method.name == "kd_hidden":
+        errors.append({"field": "method.name", "message": "causal_lm methods are kd (logits) and seq_kd"})
+    if method.name == "seq_kd" and method.top_k:
+        errors.append({"field": "method.top_k", "message": "seq_kd trains on the teacher's answers, not its "
+                       "logits: leave top_k at 0"})
+    if "hidden_weight" in spec.method.model_fields_set:
+        errors.append({"field": "method.hidden_weight", "message": "kd_hidden only; causal_lm does not take this"})
+    other_exports = [fmt for fmt in spec.export if fmt not in LM_EXPORTS] if "export" in spec.model_fields_set else []
+    if other_exports:
+        errors.append({"field": "export", "message": f"causal_lm students export as hf and safetensors, not "
+                       f"{', '.join(other_exports)}"})
+    if spec.quantize != "none":
+        errors.append({"field": "quantize", "message": "causal_lm students are not quantised here yet"})
+    if errors:
+        raise SpecError(errors)
+    if "init_from_teacher" not in spec.student.model_fields_set:
+        student.init_from_teacher = True
+    if "export" not in spec.model_fields_set:
+        resolved.export = list(LM_EXPORTS)
+    if "max_length" not in spec.data.model_fields_set:
+        resolved.data.max_length = 256
+    if "temperature" not in spec.method.model_fields_set:
+        method.temperature = 1.0  # the next-token distribution as the teacher samples it
+    for key, value in _LM_OPTIM.items():
+        if key not in spec.optim.model_fields_set:
+            setattr(resolved.optim, key, value)
+    for key, value in _LM_JOB.items():
+        if key not in spec.model_fields_set:
+            setattr(resolved, key, value)
+    if "distill_epochs" not in spec.stages.model_fields_set:
+        resolved.stages.distill_epochs = 1
     return resolved
 
 

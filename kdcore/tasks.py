@@ -8,14 +8,11 @@ from kdcore.teacher_sniff import TeacherInfo
 
 
 def resolve_task(spec: JobSpec, info: TeacherInfo) -> ResolvedTask:
-    """The task an hf encoder implies is text classification; every other teacher format is an image model."""
+    """An hf ...ForCausalLM (or a decoder family's base config) is causal_lm, another hf folder text
+    classification; every other teacher format is an image model."""
     implied: ResolvedTask = "image_classification"
     if info.hf is not None:
-        if info.hf.task == "causal_lm":
-            raise KDError(f"the teacher is a causal language model ({info.hf.model_type}); language-model "
-                          "distillation is not available yet, only text classification", field="teacher.file",
-                          code="bad_input")
-        implied = "text_classification"
+        implied = info.hf.task
     if spec.task not in ("auto", implied):
         raise KDError(f"task is {spec.task} but the teacher file is {info.details or info.format}",
                       field="task", code="teacher_data_mismatch")

@@ -144,9 +144,11 @@ def test_causal_lm_config_is_reported_as_causal_lm(folders: dict[str, Path]) -> 
     assert info.hf.model_type == "gpt2"
     assert info.hf.num_layers == 2 and info.hf.hidden_size == 16
     spec = parse_spec({"teacher": {"file": str(path)}, "data": {"train": "train.jsonl"}})
+    assert resolve_task(spec, info) == "causal_lm"
+    text = parse_spec({"task": "text_classification", "teacher": {"file": str(path)}, "data": {"train": "t.jsonl"}})
     with pytest.raises(KDError) as caught:
-        resolve_task(spec, info)
-    assert caught.value.field == "teacher.file" and "causal" in caught.value.message
+        resolve_task(text, info)
+    assert caught.value.field == "task"
 
 
 def test_base_causal_config_without_architectures_is_causal_lm(folders: dict[str, Path]) -> None:
