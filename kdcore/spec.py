@@ -447,11 +447,17 @@ _LM_METHOD_FIELDS = ("divergence", "beta", "top_k", "max_new_tokens", "sampling"
 _LM_DATA_FIELDS = ("prompt_field", "completion_field", "messages_field")
 
 
+def _differs_from_default(model: BaseModel, name: str) -> bool:
+    return bool(getattr(model, name) != type(model).model_fields[name].get_default(call_default_factory=True))
+
+
 def _lm_only_fields(spec: JobSpec) -> list[dict[str, str]]:
+    # Compared with the defaults, not by "was it set": a stored spec (the service keeps the resolved
+    # one) names every field, and an image job's stored defaults are no error.
     errors = [{"field": f"method.{name}", "message": "only causal_lm jobs take this"}
-              for name in _LM_METHOD_FIELDS if name in spec.method.model_fields_set]
+              for name in _LM_METHOD_FIELDS if _differs_from_default(spec.method, name)]
     errors += [{"field": f"data.{name}", "message": "only causal_lm jobs take this"}
-               for name in _LM_DATA_FIELDS if name in spec.data.model_fields_set]
+               for name in _LM_DATA_FIELDS if _differs_from_default(spec.data, name)]
     if spec.method.name == "seq_kd":
         errors.append({"field": "method.name", "message": "seq_kd (teacher-written answers) is for causal_lm jobs"})
     if spec.gradient_checkpointing:
@@ -476,7 +482,7 @@ def _for_causal_lm(spec: JobSpec) -> JobSpec:
     resolved = spec.model_copy(deep=True, update={"task": "causal_lm"})
     student, method = resolved.student, resolved.method
     errors = [{"field": f"data.{name}", "message": f"causal_lm does not take this: {why}"}
-              for name, why in _NOT_LM_DATA.items() if name in spec.data.model_fields_set]
+              for name, why in _NOT_LM_DATA.items() if _differs_from_default(spec.data, name)]
     if student.arch is None:
         student.arch = "hf"
         try:
@@ -494,7 +500,7 @@ def _for_causal_lm(spec: JobSpec) -> JobSpec:
     if method.name == "seq_kd" and method.top_k:
         errors.append({"field": "method.top_k", "message": "seq_kd trains on the teacher's answers, not its "
                        "logits: leave top_k at 0"})
-    if "hidden_weight" in spec.method.model_fields_set:
+    if _differs_from_default(spec.method, "hidden_weight"):
         errors.append({"field": "method.hidden_weight", "message": "kd_hidden only; causal_lm does not take this"})
     other_exports = [fmt for fmt in spec.export if fmt not in LM_EXPORTS] if "export" in spec.model_fields_set else []
     if other_exports:

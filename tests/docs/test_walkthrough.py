@@ -156,7 +156,7 @@ def test_the_cli_walkthrough(
 
     assert cli("login", url, "--api-key", key).returncode == 0
     submitted = cli("submit", str(quick_job / "job.yaml"), "--wait", "--json")
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert submitted.returncode == 0, (submitted.stdout[-3000:], submitted.stderr[-3000:])
     job = json.loads(submitted.stdout)
     assert job["state"] == "succeeded"
     assert job["id"] in cli("list").stdout

@@ -136,3 +136,14 @@ def test_cnn_exports_to_onnx_at_any_input_size(tmp_path: Path, size: int, pool_s
 
     model = build_model("cnn", {"widths": [4, 8], "hidden": 16, "pool_size": pool_size}, (1, size, size), 10)
     assert export_onnx(model.eval(), tmp_path / "cnn.onnx", (1, size, size)).exists()
+
+
+@pytest.mark.parametrize(("task", "raw"), [
+    ("image_classification", {"teacher": {"file": "t"}, "student": {"arch": "mlp"}, "data": {"train": "d"}}),
+    ("text_classification", {"teacher": {"file": "t"}, "data": {"train": "d"}}),
+    ("causal_lm", {"teacher": {"file": "t"}, "data": {"train": "d"}}),
+])
+def test_a_stored_resolved_spec_resolves_again_to_itself(task: str, raw: dict[str, object]) -> None:
+    # The service stores the resolved spec, every field named; the worker resolves it again.
+    resolved = for_task(parse_spec(raw), task)
+    assert for_task(parse_spec(resolved.model_dump(mode="json")), task) == resolved
