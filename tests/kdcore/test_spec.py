@@ -22,7 +22,8 @@ def _errors(raw: dict) -> list[dict[str, str]]:
 def test_parse_spec_fills_documented_defaults() -> None:
     spec = parse_spec(MINIMAL)
     assert spec.method.temperature == 4.0 and spec.method.alpha == 0.9
-    assert spec.stages.distill_epochs == 10 and not spec.stages.baseline
+    assert spec.stages.distill_epochs == 10 and spec.stages.baseline
+    assert spec.stages.teacher_check == "fail" and spec.stages.select == "best_val"
     assert spec.export == ["safetensors", "torchscript", "onnx"]
     assert spec.student.arch is None and spec.data.augment == "none"  # the task's default, filled by for_task
     assert for_task(spec, "image_classification").student.arch == "mlp"
@@ -136,3 +137,24 @@ def test_cnn_exports_to_onnx_at_any_input_size(tmp_path: Path, size: int, pool_s
 
     model = build_model("cnn", {"widths": [4, 8], "hidden": 16, "pool_size": pool_size}, (1, size, size), 10)
     assert export_onnx(model.eval(), tmp_path / "cnn.onnx", (1, size, size)).exists()
+
+
+@pytest.mark.parametrize(("patch", "field", "suggestion"), [
+    ({"method": {"temprature": 2.0}}, "method.temprature", "did you mean 'temperature'?"),
+    ({"stages": {"baseline": True, "selct": "last"}}, "stages.selct", "did you mean 'select'?"),
+    ({"data": {"train": "d.npz", "normalise": {}}}, "data.normalise", "did you mean 'normalize'?"),
+    ({"teacher": {"file": "t", "format": "onxx"}}, "teacher.format", "did you mean 'onnx'?"),
+    ({"optim": {"schedule": "cosin"}}, "optim.schedule", "did you mean 'cosine'?"),
+    ({"stages": {"select": "best"}}, "stages.select", "did you mean 'best_val'?"),
+    ({"student": {"arch": "resnet_smal"}}, "student.arch", "did you mean 'resnet_small'"),
+    ({"student": {"arch": "mlp", "arch_args": {"hiden": [3]}}}, "student.arch_args", "did you mean 'hidden'?"),
+])
+def test_typos_get_a_did_you_mean(patch: dict, field: str, suggestion: str) -> None:
+    errors = _errors({**MINIMAL, **patch})
+    assert [e["field"] for e in errors] == [field]
+    assert suggestion in errors[0]["message"]
+
+
+def test_no_suggestion_for_a_name_unlike_any_field() -> None:
+    (error,) = _errors({**MINIMAL, "method": {"zzzzqqq": 1}})
+    assert error["field"] == "method.zzzzqqq" and "did you mean" not in error["message"]
