@@ -40,6 +40,7 @@ from kdcore.losses import build_distill_loss, cross_entropy_loss
 from kdcore.mixup import build_mixup
 from kdcore.models import build_model
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
+from kdcore.selection import restore_best
 from kdcore.sharing import share_parameters
 from kdcore.spec import JobSpec, for_task
 from kdcore.tasks import resolve_task
@@ -153,6 +154,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
         seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
         tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
+        select=spec.stages.select,
     )
     trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
     trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
@@ -175,8 +177,11 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         else:
             trainer.fit(stage, model, cross_entropy_loss, state)
 
+    selected = restore_best(state.info, models) if spec.stages.select == "best_val" else {}
+
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, inputs, models, preprocess, runtime, options, state)
+    metrics["selected_epochs"] = selected
     announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, data, models, metrics, options)
     announce(callbacks, "report", fraction=1.0)

@@ -47,6 +47,7 @@ from kdcore.pipeline import (
     write_reports,
 )
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
+from kdcore.selection import restore_best
 from kdcore.spec import JobSpec
 from kdcore.teacher import Teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
@@ -105,6 +106,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
         runtime=runtime, optim=spec.optim, train=train, val=val, batch_size=spec.batch_size,
         eval_batch_size=spec.eval_batch_size, seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
         tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
+        select=spec.stages.select,
     )
     trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
     trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
@@ -139,8 +141,11 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     if student_plan is None:  # no student stage ran (cannot happen: the spec requires one), kept total
         student_plan = _students(spec, inputs, folder, tokenizer, teacher_model, data, scratch, state, models)
 
+    selected = restore_best(state.info, models) if spec.stages.select == "best_val" else {}
+
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, models, student_plan, pad_id, runtime, options, state)
+    metrics["selected_epochs"] = selected
     announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, data, models, tokenizer, student_plan, options)
     announce(callbacks, "report", fraction=1.0)
