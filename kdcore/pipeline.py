@@ -23,7 +23,7 @@ from kdcore.augment import augment_is_random, build_augment, check_augment_fits
 from kdcore.budget import check_student_budget
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.checkpoint import Checkpointer, RunState
-from kdcore.data import DataBundle, check_labels_fit, load_data
+from kdcore.data import DataBundle, Preprocess, check_labels_fit, load_data
 from kdcore.errors import KDError
 from kdcore.evaluate import (
     agreement,
@@ -46,6 +46,7 @@ from kdcore.spec import JobSpec, for_task
 from kdcore.tasks import resolve_task
 from kdcore.teacher import Teacher, check_teacher_fits, load_teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
+from kdcore.teacher_check import check_message, check_teacher_accuracy, enforce
 from kdcore.teacher_sniff import TeacherInfo, sniff_teacher
 from kdcore.trainer import DeviceData, ProgressTracker, Stage, Trainer
 
@@ -137,6 +138,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     check_teacher_fits(teacher, preprocess(data.train.x[:4].to(runtime.device)), data.num_classes)
     teacher.module.eval().requires_grad_(False)
     stages = plan_stages(spec, teacher)
+    teacher_check = _check_teacher_accuracy(spec, data, teacher, preprocess, runtime, callbacks)
 
     checkpointer = Checkpointer(options.checkpoints)
     state = (checkpointer.load() if options.resume else None) or RunState()
@@ -182,6 +184,10 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, inputs, models, preprocess, runtime, options, state)
     metrics["selected_epochs"] = selected
+    if teacher_check is not None:
+        metrics["teacher_check"] = teacher_check
+        if not teacher_check["passed"]:
+            metrics.setdefault("warnings", []).append(check_message(teacher_check))
     announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, data, models, metrics, options)
     announce(callbacks, "report", fraction=1.0)
@@ -189,6 +195,24 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     if not options.keep_checkpoint:
         checkpointer.clear()
     return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
+
+
+def _check_teacher_accuracy(spec: JobSpec, data: DataBundle, teacher: Teacher, preprocess: Preprocess,
+                            runtime: Runtime, callbacks: Callbacks) -> dict[str, Any] | None:
+    """stages.teacher_check: the teacher on held-out data before any training; fails fast near chance."""
+    if spec.stages.teacher_check == "off":
+        return None
+    split = data.val if data.val is not None and len(data.val) else data.train
+    result = check_teacher_accuracy(
+        teacher.module, x=split.x, y=split.y, train_x=data.train.x,
+        split="validation split" if split is data.val else "training split (val_fraction is 0)",
+        preprocess=preprocess, num_classes=data.num_classes, runtime=runtime, batch_size=spec.eval_batch_size)
+    callbacks.on_log(f"teacher check: {100 * result['accuracy']:.1f}% on {result['samples']} samples of the "
+                     f"{result['split']} (chance {100 * result['chance']:.1f}%)")
+    warning = enforce(result, spec.stages.teacher_check, teacher_adapts=spec.stages.teacher_finetune_epochs > 0)
+    if warning is not None:
+        callbacks.on_log(f"warning: {warning}")
+    return result
 
 
 def _with_teacher_classes(data: DataBundle, info: TeacherInfo) -> DataBundle:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
+import tempfile
 import types
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcore.archive import safe_member_path
 from kdcore.errors import BadInputError, KDError, MismatchError, UnsafeFormatError
 from kdcore.limits import ResourceLimitError
 from kdcore.models import build_model
+from kdcore.onnx_sniff import OnnxFacts
 from kdcore.spec import TeacherSpec
 from kdcore.teacher_sniff import ALLOW_CODE_SETTING, DEFAULT_MAX_BYTES, TeacherInfo, sniff_teacher
 
@@ -83,7 +88,7 @@ def load_teacher(
         module = _build_and_load(spec, info.format, state, input_shape, num_classes)
         return Teacher(module.to(target), info.format, True, spec.arch, info, target)
     if info.format == "onnx":
-        return Teacher(_load_onnx(path, target, onnx_arena_bytes), "onnx", False, spec.arch, info, target)
+        return Teacher(_load_onnx(path, target, onnx_arena_bytes, info), "onnx", False, spec.arch, info, target)
     _require_code_allowed(info.format, allow_code)
     if info.format == "torchscript":
         return Teacher(_load_torchscript(path).to(target), "torchscript", True, spec.arch, info, target)
@@ -260,9 +265,15 @@ def _clear_training_flag(self: nn.Module) -> nn.Module:
 class OnnxTeacher(nn.Module):
     """Wraps an onnxruntime session as a module: tensor in, float32 logits out on the input's device."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, model_path: Path, facts: OnnxFacts | None = None,
+                 unpacked: tempfile.TemporaryDirectory[str] | None = None) -> None:
         super().__init__()
         self.session = session
+        self.model_path = model_path  # where a second session (CPU latency) can be opened from
+        self._unpacked = unpacked  # a zipped model's files live as long as the teacher does
+        # Counted from the graph's initializers: the session has no parameters for PyTorch to count.
+        self.num_parameters = facts.parameters if facts is not None else 0
+        self.weight_bytes = facts.weight_bytes if facts is not None else 0
         model_input = session.get_inputs()[0]
         self.input_name: str = model_input.name
         self.input_dtype = _ONNX_INPUT_DTYPES[model_input.type]
@@ -298,9 +309,32 @@ def _limit_onnx_arena(ort: Any, options: Any, max_bytes: int) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def _load_onnx(path: Path, device: torch.device, arena_bytes: int | None = None) -> nn.Module:
+def _unpack_onnx_zip(path: Path, facts: OnnxFacts) -> tuple[Path, tempfile.TemporaryDirectory[str]]:
+    """Copy the zipped model and the data files it names (nothing else) into a private folder."""
+    assert facts.archive_member is not None
+    folder = tempfile.TemporaryDirectory(prefix="onnx-teacher-")
+    root = Path(folder.name)
+    with zipfile.ZipFile(path) as archive:
+        for name in (facts.archive_member, *facts.data_members):
+            target = safe_member_path(root, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            info = archive.getinfo(name)
+            with archive.open(info) as source, target.open("wb") as sink:
+                # The sniffer checked the declared size; a member that inflates past it is not copied further.
+                shutil.copyfileobj(source, sink, length=1 << 20)
+            if target.stat().st_size != info.file_size:
+                raise BadInputError(f"zip member {name!r} is not the size it declares", field="teacher.file")
+    return safe_member_path(root, facts.archive_member), folder
+
+
+def _load_onnx(path: Path, device: torch.device, arena_bytes: int | None = None,
+               info: TeacherInfo | None = None) -> nn.Module:
     import onnxruntime as ort  # only ONNX teachers need it
 
+    facts = info.onnx if info is not None else None
+    unpacked = None
+    if facts is not None and facts.archive_member is not None:
+        path, unpacked = _unpack_onnx_zip(path, facts)
     options = ort.SessionOptions()
     if arena_bytes is not None:
         _limit_onnx_arena(ort, options, arena_bytes)
@@ -325,7 +359,7 @@ def _load_onnx(path: Path, device: torch.device, arena_bytes: int | None = None)
             f"the ONNX teacher takes {inputs[0].type} input; only float tensors can carry images",
             field="teacher.file",
         )
-    return OnnxTeacher(session)
+    return OnnxTeacher(session, path, facts, unpacked)
 
 
 def _onnx_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]]:

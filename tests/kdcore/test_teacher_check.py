@@ -1,0 +1,104 @@
+"""The teacher check before training: near chance it fails fast and says what would fix it."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcore.errors import KDError
+from kdcore.pipeline import JobInputs, RunOptions, run_job
+from kdcore.spec import JobSpec, parse_spec
+from kdcore.teacher_check import best_label_mapping
+from tests.kdcore.helpers import make_blob_images, save_safetensors_teacher, train_teacher
+
+TEACHER_ARGS = {"hidden": [32]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("teacher_check")
+    data = make_blob_images(root / "blobs.npz", num_train=400, num_test=100)
+    save_safetensors_teacher(train_teacher("mlp", TEACHER_ARGS, data), root / "teacher.safetensors")
+    # The same images with the labels renamed: class c is called (c + 1) % 4.
+    with np.load(data) as arrays:
+        renamed = {key: (arrays[key] + 1) % 4 if key.startswith("y") else arrays[key] for key in arrays.files}
+    np.savez(root / "renamed.npz", **renamed)
+    return root
+
+
+def _spec(workdir: Path, train: str = "blobs.npz", **stages: object) -> JobSpec:
+    return parse_spec({
+        "teacher": {"file": str(workdir / "teacher.safetensors"), "arch": "mlp", "arch_args": TEACHER_ARGS},
+        "student": {"arch": "mlp", "arch_args": {"hidden": [8]}},
+        "data": {"train": str(workdir / train), "val_fraction": 0.2},
+        "stages": {"distill_epochs": 1, "baseline": False, **stages},
+        "batch_size": 64, "export": [], "threads": 1,
+    })
+
+
+def _run(spec: JobSpec, out: Path):
+    inputs = JobInputs(teacher=Path(spec.teacher.file), train=Path(spec.data.train))
+    return run_job(spec, inputs, RunOptions(out_dir=out, latency_runs=2))
+
+
+def _wrong_normalization(spec: JobSpec) -> JobSpec:
+    # The teacher saw pixels in [0, 1]; this shifts them all by -2 (the blobs shrug off milder mistakes).
+    spec.data.normalize.mean, spec.data.normalize.std = [2.0], [1.0]
+    return spec
+
+
+def test_wrong_normalisation_fails_before_training_and_names_the_fix(workdir: Path, tmp_path: Path) -> None:
+    with pytest.raises(KDError) as caught:
+        _run(_wrong_normalization(_spec(workdir)), tmp_path)
+    error = caught.value
+    assert error.code == "teacher_check_failed" and error.field == "data.normalize"
+    assert "before any training, near chance" in error.message
+    assert "with no normalisation (mean 0, std 1) it scores 100.0%" in error.message
+    assert "Set data.normalize to mean [" in error.message
+    assert "stages.teacher_check: warn" in error.message
+    assert not (tmp_path / "history.csv").exists()  # nothing was trained
+
+
+def test_warn_runs_the_job_and_reports_the_check(workdir: Path, tmp_path: Path) -> None:
+    result = _run(_wrong_normalization(_spec(workdir, teacher_check="warn")), tmp_path)
+    check = result.metrics["teacher_check"]
+    assert not check["passed"] and check["accuracy"] < check["threshold"]
+    fixes = {t["what"]: t["accuracy"] for t in check["tried"]}
+    assert fixes["no normalisation (mean 0, std 1)"] > 0.9
+    assert any("near chance" in warning for warning in result.metrics["warnings"])
+    assert "near chance" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "metrics.json").read_text())["teacher_check"]["passed"] is False
+
+
+def test_a_good_teacher_passes_and_its_score_is_kept(workdir: Path, tmp_path: Path) -> None:
+    result = _run(_spec(workdir), tmp_path)
+    check = result.metrics["teacher_check"]
+    assert check["passed"] and check["accuracy"] > 0.9 and check["split"] == "validation split"
+    assert check["tried"] == []  # nothing to explain
+    assert "warnings" not in result.metrics or not any("near chance" in w for w in result.metrics["warnings"])
+
+
+def test_labels_in_another_order_are_recognised(workdir: Path, tmp_path: Path) -> None:
+    with pytest.raises(KDError) as caught:
+        _run(_spec(workdir, train="renamed.npz"), tmp_path)
+    assert caught.value.field == "data.train"
+    assert "another label order" in caught.value.message
+    assert "0->1, 1->2, 2->3, 3->0" in caught.value.message
+
+
+def test_off_skips_the_check(workdir: Path, tmp_path: Path) -> None:
+    result = _run(_wrong_normalization(_spec(workdir, teacher_check="off")), tmp_path)
+    assert "teacher_check" not in result.metrics
+
+
+def test_best_label_mapping_undoes_a_permutation() -> None:
+    permutation = [2, 0, 3, 1]  # data class t is predicted as permutation[t]
+    confusion = [[0] * 4 for _ in range(4)]
+    for true, predicted in enumerate(permutation):
+        confusion[true][predicted] = 10
+        confusion[true][true] += 1  # a little mass on the diagonal must not win
+    mapping, correct = best_label_mapping(confusion)
+    assert [mapping[p] for p in permutation] == [0, 1, 2, 3] and correct == 40
