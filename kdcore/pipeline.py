@@ -29,12 +29,15 @@ from kdcore.evaluate import (
     agreement,
     classification_metrics,
     confusion_matrix,
+    correct,
     cpu_latency_ms,
     image_example,
     parameter_count,
+    size_and_speed_warnings,
     size_mb,
 )
 from kdcore.inference import predict_logits
+from kdcore.latency import like_for_like_latency
 from kdcore.limits import ResourceLimits
 from kdcore.losses import build_distill_loss, cross_entropy_loss
 from kdcore.mixup import build_mixup
@@ -42,6 +45,7 @@ from kdcore.models import build_model
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.selection import restore_best
 from kdcore.sharing import share_parameters
+from kdcore.significance import gain_over_baseline
 from kdcore.spec import JobSpec, for_task
 from kdcore.tasks import resolve_task
 from kdcore.teacher import Teacher, check_teacher_fits, load_teacher
@@ -304,16 +308,19 @@ def _evaluate(spec: JobSpec, data: DataBundle, inputs: JobInputs, models: dict[s
         model = models[key]
         logits[key] = predict_logits(model, x, preprocess=preprocess, runtime=runtime,
                                      batch_size=spec.eval_batch_size)
-        cpu_model = model if runtime.device.type == "cpu" else model.cpu()
         results[key] = {
             **classification_metrics(logits[key], y, data.num_classes),
             "params": parameter_count(model),
             "size_mb": size_mb(model, inputs.teacher if key == "teacher" else None),
-            "latency_ms": cpu_latency_ms(cpu_model, image_example(data.input_shape), runs=options.latency_runs),
         }
-        model.to(runtime.device)
+    latency = like_for_like_latency({key: models[key] for key in keys}, data.input_shape, runs=options.latency_runs)
+    for key in keys:
+        results[key]["latency_ms"] = latency.ms[key]
+        models[key].to(runtime.device)
     student, teacher_metrics = results["student"], results["teacher"]
+    warnings = latency.warnings + size_and_speed_warnings(teacher_metrics, student, latency.runtime)
     results.update(
+        latency_runtime=latency.runtime,
         agreement=agreement(logits["student"], logits["teacher"]),
         compression=teacher_metrics["size_mb"] / max(student["size_mb"], 1e-9),
         speedup=teacher_metrics["latency_ms"] / max(student["latency_ms"], 1e-9),
@@ -324,9 +331,12 @@ def _evaluate(spec: JobSpec, data: DataBundle, inputs: JobInputs, models: dict[s
         shared_parameters=state.info.get("shared_parameters", 0),
     )
     if "baseline" in results:
-        results["distillation_gain"] = student["accuracy"] - results["baseline"]["accuracy"]
+        results.update(gain_over_baseline(correct(logits["student"], y), correct(logits["baseline"], y),
+                                          seed=spec.seed))
     if spec.quantize == "dynamic_int8":
         results["student_int8"] = _evaluate_int8(models["student"], x, y, data, preprocess, options)
+    if warnings:
+        results["warnings"] = warnings
     return results
 
 

@@ -22,7 +22,15 @@ from kdcore.architectures import HFArgs, TextBiLSTMArgs
 from kdcore.callbacks import Callbacks
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.errors import KDError
-from kdcore.evaluate import agreement, classification_metrics, confusion_matrix, cpu_latency_ms, size_mb
+from kdcore.evaluate import (
+    agreement,
+    classification_metrics,
+    confusion_matrix,
+    correct,
+    cpu_latency_ms,
+    size_and_speed_warnings,
+    size_mb,
+)
 from kdcore.hf_models import (
     HfFolder,
     StudentPlan,
@@ -48,6 +56,7 @@ from kdcore.pipeline import (
 )
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.selection import restore_best
+from kdcore.significance import gain_over_baseline
 from kdcore.spec import JobSpec
 from kdcore.teacher import Teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
@@ -331,8 +340,12 @@ def _evaluate(spec: JobSpec, data: TextData, models: dict[str, nn.Module], plan:
         truncated=data.info["truncated"],
         disagreements=_disagreements(split, logits, data.class_names),
     )
+    results["latency_runtime"] = "pytorch"
+    if found := size_and_speed_warnings(teacher, student, "pytorch"):
+        results["warnings"] = found
     if "baseline" in results:
-        results["distillation_gain"] = student["accuracy"] - results["baseline"]["accuracy"]
+        results.update(gain_over_baseline(correct(logits["student"], labels), correct(logits["baseline"], labels),
+                                          seed=spec.seed))
     if spec.quantize == "dynamic_int8":
         quantized = image_export.quantize_dynamic_int8(deployable(models["student"]))
         wrapped = TextClassifier(quantized) if isinstance(models["student"], TextClassifier) else quantized
