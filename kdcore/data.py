@@ -541,5 +541,6 @@ def check_labels_fit(bundle: DataBundle, num_outputs: int) -> None:
     max_label = max(int(s.y.max()) for s in splits) if splits else -1
     if max_label >= num_outputs:
         raise MismatchError(
-            f"labels go up to {max_label} but the teacher has {num_outputs} outputs", field="data.train"
+            f"the teacher has {num_outputs} outputs, the data {max_label + 1} classes: labels go up to {max_label} "
+            f"but the teacher has {num_outputs} outputs", field="data.train"
         )

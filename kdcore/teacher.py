@@ -30,6 +30,7 @@ from kdcore.limits import ResourceLimitError
 from kdcore.models import build_model
 from kdcore.onnx_sniff import OnnxFacts
 from kdcore.spec import TeacherSpec
+from kdcore.teacher_mismatch import adapt_channel_prefix, explain_mismatch
 from kdcore.teacher_sniff import ALLOW_CODE_SETTING, DEFAULT_MAX_BYTES, TeacherInfo, sniff_teacher
 
 _FORMAT_NAMES = {
@@ -174,12 +175,14 @@ def _build_and_load(
         model = build_model(spec.arch, spec.arch_args, input_shape, num_classes)
     except KDError as exc:  # e.g. an image architecture for flat feature vectors
         raise MismatchError(exc.message, field="teacher.arch") from None
-    _check_keys_and_shapes(model, state, spec.arch)
+    state = adapt_channel_prefix(model.state_dict(), state)
+    _check_keys_and_shapes(model, state, spec.arch, spec.arch_args)
     model.load_state_dict(state, strict=True)
     return model
 
 
-def _check_keys_and_shapes(model: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
+def _check_keys_and_shapes(model: nn.Module, state: dict[str, torch.Tensor], arch: str,
+                           arch_args: dict[str, Any]) -> None:
     """Say which tensors disagree, in words, before load_state_dict says it less readably."""
     expected = model.state_dict()
     problems = []
@@ -197,10 +200,12 @@ def _check_keys_and_shapes(model: nn.Module, state: dict[str, torch.Tensor], arc
     if reshaped:
         problems.append(f"shape mismatch {_listed(reshaped)}")
     if problems:
+        plain = explain_mismatch(arch, arch_args, expected, state)
         raise MismatchError(
-            f"the teacher's weights do not fit architecture {arch!r} with these arch_args and the data's "
+            (f"{'; '.join(plain)}. In detail: " if plain else "")
+            + f"the teacher's weights do not fit architecture {arch!r} with these arch_args and the data's "
             f"input shape and classes: {'; '.join(problems)}",
-            field="teacher.arch",
+            field="teacher.arch_args" if any("did you mean" in line for line in plain) else "teacher.arch",
         )
 
 
@@ -378,8 +383,11 @@ def check_teacher_fits(teacher: Teacher, sample: torch.Tensor, num_classes: int)
     sample_shape = _shape_text(sample.shape[1:])
     expected = teacher.info.input_shape
     if expected is not None and not _shape_fits(expected, sample.shape[1:]):
+        channels = ""
+        if len(expected) == 3 == sample.dim() - 1 and expected[0] is not None and expected[0] != sample.shape[1]:
+            channels = f"the teacher expects {expected[0]} input channels, the data has {sample.shape[1]}: "
         raise MismatchError(
-            f"teacher expects input {_shape_text(expected)} but the data's samples are {sample_shape}",
+            f"{channels}teacher expects input {_shape_text(expected)} but the data's samples are {sample_shape}",
             field="teacher",
         )
     output = _run_once(teacher, sample.to(teacher.device), sample_shape)
@@ -417,8 +425,8 @@ def _check_logits(output: Any, batch: int, num_classes: int) -> None:
     classes = output.shape[1]
     if classes != num_classes:
         raise MismatchError(
-            f"teacher outputs {classes} classes but the data has labels 0..{num_classes - 1} "
-            f"({num_classes} classes)",
+            f"the teacher has {classes} outputs, the data {num_classes} classes: teacher outputs {classes} "
+            f"classes but the data has labels 0..{num_classes - 1} ({num_classes} classes)",
             field="teacher",
         )
     if not torch.isfinite(output).all():
