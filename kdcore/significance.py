@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
+
+#: Per test sample, whether a model got it right.
+Correctness: TypeAlias = Sequence[bool] | npt.NDArray[np.bool_]
 
 RESAMPLES = 10_000
 LEVEL = 0.95
 
 
-def paired_bootstrap_interval(student_correct: Sequence[bool], baseline_correct: Sequence[bool], *, seed: int,
+def paired_bootstrap_interval(student_correct: Correctness, baseline_correct: Correctness, *, seed: int,
                               resamples: int = RESAMPLES, level: float = LEVEL) -> tuple[float, float]:
     """Percentile interval of accuracy(student) - accuracy(baseline) over resampled test samples."""
     student, baseline = np.asarray(student_correct, bool), np.asarray(baseline_correct, bool)
@@ -35,7 +39,7 @@ def paired_bootstrap_interval(student_correct: Sequence[bool], baseline_correct:
     return (float(low), float(high))
 
 
-def mcnemar_exact_p(student_correct: Sequence[bool], baseline_correct: Sequence[bool]) -> float:
+def mcnemar_exact_p(student_correct: Correctness, baseline_correct: Correctness) -> float:
     """Two-sided exact McNemar test: under no difference, each discordant sample is a fair coin."""
     student, baseline = np.asarray(student_correct, bool), np.asarray(baseline_correct, bool)
     wins = int(np.sum(student & ~baseline))
@@ -51,7 +55,7 @@ def mcnemar_exact_p(student_correct: Sequence[bool], baseline_correct: Sequence[
     return min(1.0, 2.0 * tail)
 
 
-def gain_over_baseline(student_correct: Sequence[bool], baseline_correct: Sequence[bool], *,
+def gain_over_baseline(student_correct: Correctness, baseline_correct: Correctness, *,
                        seed: int) -> dict[str, Any]:
     """The metrics entries: the gain, its 95% interval, McNemar's p and whether zero lies inside the interval."""
     student, baseline = np.asarray(student_correct, bool), np.asarray(baseline_correct, bool)
