@@ -55,6 +55,8 @@ from kdcore.teacher_sniff import TeacherInfo, sniff_teacher
 from kdcore.trainer import DeviceData, ProgressTracker, Stage, Trainer
 
 STUDENT_STAGES = ("distill", "finetune")
+INPUT_CONTRACT = ("float32 N x C x H x W (or N x F): stored uint8 pixels / 255, then (x - mean) / std per "
+                  "channel as in normalize; returns logits in the order of class_names")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class RunOptions:
     # The teacher's logits on the training split: read when the file exists, written when it does not
     # (a tuned job's trials share the one its parent computed).
     teacher_cache: Path | None = None
+    job_id: str | None = None  # the service's job id, written into the exports' metadata
+
 
     @property
     def checkpoints(self) -> Path:
@@ -360,9 +364,10 @@ def _export(spec: JobSpec, data: DataBundle, models: dict[str, nn.Module], metri
     out = options.out_dir
 
     def metadata(arch: str | None, arch_args: dict[str, Any]) -> dict[str, Any]:
+        # The contract of the file: what it takes (shape, scaling, normalisation), what its outputs mean, whence.
         return {"arch": arch, "arch_args": arch_args, "input_shape": list(data.input_shape),
-                "num_classes": data.num_classes, "class_names": data.class_names,
-                "normalize": spec.data.normalize.model_dump()}
+                "input": INPUT_CONTRACT, "num_classes": data.num_classes, "class_names": data.class_names,
+                "normalize": spec.data.normalize.model_dump(), "job_id": options.job_id}
 
     artifacts = []
     if spec.stages.teacher_finetune_epochs:
@@ -375,7 +380,8 @@ def _export(spec: JobSpec, data: DataBundle, models: dict[str, nn.Module], metri
     if "torchscript" in spec.export:
         artifacts.append(exporting.export_torchscript(student, out / "student.ts", data.input_shape))
     if "onnx" in spec.export:
-        artifacts.append(exporting.export_onnx(student, out / "student.onnx", data.input_shape))
+        artifacts.append(exporting.export_onnx(student, out / "student.onnx", data.input_shape,
+                                               metadata(spec.student.arch, spec.student.arch_args)))
     if spec.quantize == "dynamic_int8":
         quantized = exporting.quantize_dynamic_int8(student)
         artifacts.append(exporting.export_torchscript(quantized, out / "student_int8.ts", data.input_shape))

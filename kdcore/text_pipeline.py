@@ -377,7 +377,8 @@ def _export(spec: JobSpec, data: TextData, models: dict[str, nn.Module], tokeniz
     student = models["student"].cpu().eval()
     shipped = deployable(student)
     metadata = {"task": "text_classification", "class_names": data.class_names, "max_length": data.max_length,
-                "arch": spec.student.arch, "arch_args": spec.student.arch_args, "student": plan.description}
+                "arch": spec.student.arch, "arch_args": spec.student.arch_args, "student": plan.description,
+                "job_id": options.job_id}
     is_hf = isinstance(student, TextClassifier)
     artifacts = []
     if spec.stages.teacher_finetune_epochs:
@@ -394,6 +395,8 @@ def _export(spec: JobSpec, data: TextData, models: dict[str, nn.Module], tokeniz
         artifacts.append(text_export.export_safetensors(shipped, out / "student.safetensors", metadata))
     if "onnx" in spec.export:
         with_type_ids = is_hf and "token_type_ids" in tokenizer.model_input_names
-        artifacts.append(text_export.export_text_onnx(student, out / "student.onnx", vocab_size=len(tokenizer),
-                                                      with_type_ids=with_type_ids))
+        onnx_path = text_export.export_text_onnx(student, out / "student.onnx", vocab_size=len(tokenizer),
+                                                 with_type_ids=with_type_ids)
+        image_export.write_onnx_metadata(onnx_path, metadata)
+        artifacts.append(onnx_path)
     return artifacts
