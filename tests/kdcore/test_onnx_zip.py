@@ -134,3 +134,21 @@ def test_sniffing_an_onnx_zip_does_not_import_torch(teacher_zoo, tmp_path: Path)
             f"print(sniff_teacher({str(upload)!r}).format); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["onnx", "False"]
+
+
+@pytest.mark.parametrize("name", ["safetensors", "onnx", "state_dict", "torchscript"])
+def test_a_teacher_given_as_data_is_named_as_such(teacher_zoo, name: str) -> None:
+    from kdcore.data_sniff import sniff_dataset
+
+    with pytest.raises(BadInputError, match=r"this looks like a teacher model \(.*\), not a dataset: give it as "
+                                            r"teacher.file"):
+        sniff_dataset(teacher_zoo.files[name])
+
+
+def test_data_that_is_neither_still_gets_the_plain_message(tmp_path: Path) -> None:
+    from kdcore.data_sniff import sniff_dataset
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(BadInputError, match="not a dataset: not a zip archive"):
+        sniff_dataset(junk)
