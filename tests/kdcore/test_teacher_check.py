@@ -102,3 +102,30 @@ def test_best_label_mapping_undoes_a_permutation() -> None:
         confusion[true][true] += 1  # a little mass on the diagonal must not win
     mapping, correct = best_label_mapping(confusion)
     assert [mapping[p] for p in permutation] == [0, 1, 2, 3] and correct == 40
+
+
+class _BrightestChannel(torch.nn.Module):
+    """A teacher that answers 'the brightest colour channel': class 0 red, 1 green, 2 blue."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * 10
+
+
+def test_swapped_colour_channels_are_recognised() -> None:
+    from kdcore.data import Preprocess
+    from kdcore.runtime import Runtime
+    from kdcore.teacher_check import check_message, check_teacher_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    images = torch.randint(0, 60, (300, 3, 4, 4), dtype=torch.uint8, generator=generator)
+    images[torch.arange(300), labels] += 150
+    bgr = images.flip(1)  # the data in the other channel order than the teacher's
+    result = check_teacher_accuracy(
+        _BrightestChannel(), x=bgr, y=labels, train_x=bgr, split="validation split",
+        preprocess=Preprocess([0.0], [1.0], (3, 4, 4)), num_classes=3,
+        runtime=Runtime(device=torch.device("cpu"), precision="fp32"), batch_size=128)
+    assert not result["passed"]
+    tried = {t["fix"]: t["accuracy"] for t in result["tried"]}
+    assert tried["channels"] == 1.0
+    assert "with the colour channels reversed (RGB <-> BGR) it scores 100.0%" in check_message(result)
