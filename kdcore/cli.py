@@ -100,6 +100,8 @@ def distill_command(
                    err=True)
         raise typer.Exit(1) from None
     metrics = result.metrics
+    for warning in metrics.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
     summary = {key: metrics[key]["accuracy"] for key in ("teacher", "student", "baseline") if metrics.get(key)}
     typer.echo(json.dumps({"out": str(out), "accuracy": summary, "compression": round(metrics["compression"], 2),
                            "speedup": round(metrics["speedup"], 2)}))
