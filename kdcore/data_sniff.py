@@ -493,7 +493,7 @@ def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> D
     if not head.startswith(b"PK"):
         text_format = detect_format(head)
         if text_format is None:
-            _refuse_a_teacher(path)
+            refuse_a_teacher(path)
             raise BadInputError("not a dataset: not a zip archive (.npz or ImageFolder .zip) and not UTF-8 text "
                                 "rows (.jsonl, or .csv/.tsv with a header line)")
         return sniff_text(path, text_format)
@@ -504,11 +504,11 @@ def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> D
                 return _npz_info(inspect_npz(zf, infos))
             return _imagefolder_info(zf, list_imagefolder(infos), limits)
     except BadInputError:
-        _refuse_a_teacher(path)  # a model zip (TorchScript, torch.save, ONNX, Hugging Face) named as such
+        refuse_a_teacher(path)  # a model zip (TorchScript, torch.save, ONNX, Hugging Face) named as such
         raise
 
 
-def _refuse_a_teacher(path: str | Path) -> None:
+def refuse_a_teacher(path: str | Path, *, field: str | None = None) -> None:
     """Raise "this looks like a teacher model" when a file that is no dataset is one (the reverse mistake)."""
     from kdcore.teacher_sniff import sniff_teacher
 
@@ -518,4 +518,4 @@ def _refuse_a_teacher(path: str | Path) -> None:
         return
     raise BadInputError(
         f"this looks like a teacher model ({info.details or info.format}), not a dataset: give it as teacher.file "
-        "(uploaded with purpose teacher) and the data as data.train")
+        "(uploaded with purpose teacher) and the data as data.train", field=field)

@@ -1,4 +1,4 @@
-"""The teacher check before training: near chance it fails fast and says what would fix it."""
+"""The checks before training: the teacher near chance fails fast and says what would fix it; inputs swapped."""
 
 import json
 from pathlib import Path
@@ -129,3 +129,11 @@ def test_swapped_colour_channels_are_recognised() -> None:
     tried = {t["fix"]: t["accuracy"] for t in result["tried"]}
     assert tried["channels"] == 1.0
     assert "with the colour channels reversed (RGB <-> BGR) it scores 100.0%" in check_message(result)
+
+
+def test_the_teacher_given_as_training_data_is_named_as_such(workdir: Path, tmp_path: Path) -> None:
+    spec = _spec(workdir)
+    spec.data.train = spec.teacher.file
+    with pytest.raises(KDError, match="this looks like a teacher model") as caught:
+        _run(spec, tmp_path)
+    assert caught.value.field == "data.train"
