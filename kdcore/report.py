@@ -111,18 +111,18 @@ def verdict(metrics: dict[str, Any]) -> str:
     interval = metrics.get("distillation_gain_ci")
     ci = ""
     if interval:
-        ci = (f" (95% interval {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f} points over "
+        ci = (f"; 95% interval {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f} points over "
               f"{metrics.get('eval_samples', 0):,} test samples, paired bootstrap; McNemar p = "
-              f"{metrics.get('distillation_gain_p_value', 1.0):.3g})")
+              f"{metrics.get('distillation_gain_p_value', 1.0):.3g}")
         if interval[0] <= 0 <= interval[1]:
             return (f"The distilled student and its baseline are **within noise** of each other: "
                     f"{_pct(student['accuracy'])} vs {_pct(baseline['accuracy'])} without a teacher "
-                    f"({100 * gain:+.2f} points){ci}. More test samples, or a clearer gain, would tell them apart.")
+                    f"({100 * gain:+.2f} points{ci}). More test samples, or a clearer gain, would tell them apart.")
     if gain > 0:
         return (f"The distilled student beat the same student trained without a teacher by "
-                f"{100 * gain:.2f} points ({_pct(student['accuracy'])} vs {_pct(baseline['accuracy'])}){ci}.")
+                f"{100 * gain:.2f} points ({_pct(student['accuracy'])} vs {_pct(baseline['accuracy'])}{ci}).")
     return (f"**The distilled student did not beat its baseline**: {_pct(student['accuracy'])} vs "
-            f"{_pct(baseline['accuracy'])} without a teacher ({100 * gain:+.2f} points){ci}. A weaker teacher than "
+            f"{_pct(baseline['accuracy'])} without a teacher ({100 * gain:+.2f} points{ci}). A weaker teacher than "
             "the student trained alone, or a tiny student at a high temperature, makes distillation hurt: "
             "try a lower `method.temperature`, a larger student or a better teacher.")
 
@@ -161,15 +161,15 @@ def write_report_md(spec: JobSpec, metrics: dict[str, Any], data_summary: str, p
         "",
         f"- Teacher kept: the student reaches {_pct(metrics['student']['accuracy'])} against the teacher's "
         f"{_pct(metrics['teacher']['accuracy'])}, {_ratio(metrics['compression'], 'smaller', 'larger')} and "
-        f"{_ratio(metrics['speedup'], 'faster', 'slower')} (CPU, batch 1, "
-        f"{metrics.get('latency_runtime', 'pytorch')}).",
+        f"{_ratio(metrics['speedup'], 'faster', 'slower')} (CPU, batch 1).",
         f"- Agreement: the student predicts the teacher's class on {_pct(metrics['agreement'])} of samples.",
         f"- Evaluated on: {metrics['eval_split']} ({metrics['eval_samples']:,} samples).",
         *_facts(metrics),
         "",
     ]
     if metrics.get("warnings"):
-        lines += ["## Warnings", "", *(f"- **{warning}**" for warning in metrics["warnings"]), ""]
+        lines += ["## Warnings", "", *(f"- **{warning[:1].upper()}{warning[1:]}**" for warning in metrics["warnings"]),
+                  ""]
     lines += [
         "## Teacher vs student vs baseline",
         "",
