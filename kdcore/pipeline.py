@@ -426,9 +426,11 @@ def prepare_teacher_cache(spec: JobSpec, inputs: JobInputs, options: RunOptions,
     preprocess = data.preprocess.to(runtime.device)
     check_teacher_fits(teacher, preprocess(data.train.x[:4].to(runtime.device)), data.num_classes)
     plan_stages(spec, teacher)
+    teacher.module.eval().requires_grad_(False)
+    # Once here, so a teacher near chance fails the search before it queues trials that would each fail.
+    _check_teacher_accuracy(spec, data, teacher, preprocess, runtime, callbacks)
     if options.teacher_cache is None or augment_is_random(spec.data.augment) or spec.data.mixup > 0:
         return None
-    teacher.module.eval().requires_grad_(False)
     train = DeviceData(data.train.x.to(runtime.device), data.train.y.to(runtime.device))
     _teacher_targets(spec, teacher, train, preprocess, runtime, callbacks, options.teacher_cache)
     return options.teacher_cache

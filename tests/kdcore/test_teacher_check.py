@@ -137,3 +137,14 @@ def test_the_teacher_given_as_training_data_is_named_as_such(workdir: Path, tmp_
     with pytest.raises(KDError, match="this looks like a teacher model") as caught:
         _run(spec, tmp_path)
     assert caught.value.field == "data.train"
+
+
+def test_a_tuned_job_checks_the_teacher_once_before_its_trials(workdir: Path, tmp_path: Path) -> None:
+    from kdcore.pipeline import prepare_teacher_cache
+
+    spec = _wrong_normalization(_spec(workdir))
+    inputs = JobInputs(teacher=Path(spec.teacher.file), train=Path(spec.data.train))
+    with pytest.raises(KDError) as caught:
+        prepare_teacher_cache(spec, inputs, RunOptions(out_dir=tmp_path, teacher_cache=tmp_path / "cache.pt"))
+    assert caught.value.code == "teacher_check_failed"
+    assert not (tmp_path / "cache.pt").exists()
