@@ -6,6 +6,7 @@ themselves live in `kdcore.models` and are looked up by the same name.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -211,11 +212,17 @@ def known_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
+def unknown_architecture(name: str) -> str:
+    """The message for a name the registry lacks: the closest names first, then every known one."""
+    close = difflib.get_close_matches(name, known_architectures(), n=2, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"unknown architecture {name!r}; {hint}known: {', '.join(known_architectures())}"
+
+
 def get_entry(name: str, *, field: str = "arch") -> ArchEntry:
     entry = ARCHITECTURES.get(name)
     if entry is None:
-        raise SpecError([{"field": field, "message": f"unknown architecture {name!r}; known: "
-                          + ", ".join(known_architectures())}])
+        raise SpecError([{"field": field, "message": unknown_architecture(name)}])
     return entry
 
 
@@ -226,9 +233,17 @@ def validate_arch_args(name: str, args: dict[str, Any], *, field: str = "arch_ar
         return entry.args_model.model_validate(args)
     except ValidationError as exc:
         raise SpecError([
-            {"field": ".".join([field, *(str(part) for part in err["loc"])]), "message": err["msg"]}
+            {"field": ".".join([field, *(str(part) for part in err["loc"])]),
+             "message": err["msg"] + _closest_field(err, entry.args_model)}
             for err in exc.errors()
         ]) from exc
+
+
+def _closest_field(err: Any, model: type[BaseModel]) -> str:
+    if err["type"] != "extra_forbidden" or len(err["loc"]) != 1:
+        return ""
+    close = difflib.get_close_matches(str(err["loc"][0]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def list_architectures() -> list[ArchInfo]:

@@ -104,6 +104,8 @@ def distill_command(
                    err=True)
         raise typer.Exit(1) from None
     metrics = result.metrics
+    for warning in metrics.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
     # A language model is summed up by its loss in nats per token; a classifier by its accuracy.
     measure = "loss" if metrics.get("task") == "causal_lm" else "accuracy"
     summary = {key: metrics[key][measure] for key in ("teacher", "student", "baseline") if metrics.get(key)}

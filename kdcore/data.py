@@ -40,6 +40,7 @@ from kdcore.data_sniff import (
     open_image,
     read_npy,
     read_npz_headers,
+    refuse_a_teacher,
     x_layout,
 )
 from kdcore.errors import BadInputError, MismatchError
@@ -483,7 +484,11 @@ def load_data(
 ) -> DataBundle:
     """Load, validate and split a job's data; raise BadInputError / MismatchError naming the problem."""
     limits = limits or DEFAULT_LIMITS
-    loaded = _load_train_file(Path(train_path), spec, limits)
+    try:
+        loaded = _load_train_file(Path(train_path), spec, limits)
+    except BadInputError as exc:
+        refuse_a_teacher(train_path, field=exc.field or "data.train")  # the teacher given as data: say so
+        raise
     test = loaded.test
     test_origin: Literal["file", "archive"] | None = "archive" if test is not None else None
     num_classes, class_names = loaded.num_classes, loaded.class_names
@@ -541,5 +546,6 @@ def check_labels_fit(bundle: DataBundle, num_outputs: int) -> None:
     max_label = max(int(s.y.max()) for s in splits) if splits else -1
     if max_label >= num_outputs:
         raise MismatchError(
-            f"labels go up to {max_label} but the teacher has {num_outputs} outputs", field="data.train"
+            f"the teacher has {num_outputs} outputs, the data {max_label + 1} classes: labels go up to {max_label} "
+            f"but the teacher has {num_outputs} outputs", field="data.train"
         )

@@ -493,11 +493,29 @@ def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> D
     if not head.startswith(b"PK"):
         text_format = detect_format(head)
         if text_format is None:
+            refuse_a_teacher(path)
             raise BadInputError("not a dataset: not a zip archive (.npz or ImageFolder .zip) and not UTF-8 text "
                                 "rows (.jsonl, or .csv/.tsv with a header line)")
         return sniff_text(path, text_format)
-    with open_zip(path, what="dataset", limits=limits) as zf:
-        infos = check_zip(zf, limits)
-        if detect_kind(infos) == "npz":
-            return _npz_info(inspect_npz(zf, infos))
-        return _imagefolder_info(zf, list_imagefolder(infos), limits)
+    try:
+        with open_zip(path, what="dataset", limits=limits) as zf:
+            infos = check_zip(zf, limits)
+            if detect_kind(infos) == "npz":
+                return _npz_info(inspect_npz(zf, infos))
+            return _imagefolder_info(zf, list_imagefolder(infos), limits)
+    except BadInputError:
+        refuse_a_teacher(path)  # a model zip (TorchScript, torch.save, ONNX, Hugging Face) named as such
+        raise
+
+
+def refuse_a_teacher(path: str | Path, *, field: str | None = None) -> None:
+    """Raise "this looks like a teacher model" when a file that is no dataset is one (the reverse mistake)."""
+    from kdcore.teacher_sniff import sniff_teacher
+
+    try:
+        info = sniff_teacher(path)
+    except BadInputError:
+        return
+    raise BadInputError(
+        f"this looks like a teacher model ({info.details or info.format}), not a dataset: give it as teacher.file "
+        "(uploaded with purpose teacher) and the data as data.train", field=field)

@@ -49,6 +49,11 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
     return counts.tolist()
 
 
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+    """Per sample: whether the model's top class is the label (what the paired gain tests compare)."""
+    return (logits.argmax(dim=1) == labels.to(logits.device)).tolist()
+
+
 def agreement(first: torch.Tensor, second: torch.Tensor) -> float:
     """Share of samples where two models predict the same class."""
     return (first.argmax(dim=1) == second.argmax(dim=1)).float().mean().item()
@@ -65,8 +70,10 @@ def size_mb(model: nn.Module, file: Path | None = None) -> float:
     """Serialized weight size in MB (10^6 bytes): the state's tensors, or the file for opaque models."""
     tensor_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()
                        if isinstance(t, torch.Tensor))
-    if tensor_bytes == 0 and file is not None:
-        tensor_bytes = file.stat().st_size
+    if tensor_bytes == 0:
+        # Opaque models (ONNX) declare their weights' bytes; else the file is the best measure there is.
+        declared = getattr(model, "weight_bytes", 0)
+        tensor_bytes = declared if isinstance(declared, int) and declared else (file.stat().st_size if file else 0)
     return tensor_bytes / 1e6
 
 
@@ -87,3 +94,15 @@ def cpu_latency_ms(model: nn.Module, example: Any, *, runs: int = 50, warmup: in
         model(example)
         timings.append((time.perf_counter() - started) * 1000.0)
     return statistics.median(timings)
+
+
+def size_and_speed_warnings(teacher: dict[str, Any], student: dict[str, Any], runtime: str) -> list[str]:
+    """Plain warnings when the student is not smaller or not faster than its teacher (a report must not hide it)."""
+    found = []
+    if student["params"] >= teacher["params"] > 0:
+        found.append(f"the student is not smaller than its teacher: {student['params']:,} parameters against "
+                     f"{teacher['params']:,}")
+    if student["latency_ms"] >= teacher["latency_ms"]:
+        found.append(f"the student is not faster than its teacher: {student['latency_ms']:.3f} ms against "
+                     f"{teacher['latency_ms']:.3f} ms per sample ({runtime}, CPU, batch 1)")
+    return found

@@ -49,8 +49,13 @@ def export_torchscript(model: nn.Module, path: Path, input_shape: Sequence[int])
     return path
 
 
-def export_onnx(model: nn.Module, path: Path, input_shape: Sequence[int]) -> Path:
-    """Export with a dynamic batch axis, then check onnxruntime agrees with PyTorch on random input."""
+def export_onnx(model: nn.Module, path: Path, input_shape: Sequence[int],
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Export with a dynamic batch axis, then check onnxruntime agrees with PyTorch on random input.
+
+    `metadata` (the input contract: normalisation, class names, input shape, job id) goes into the
+    model's `metadata_props`, each value JSON-encoded, as safetensors metadata is.
+    """
     example = torch.randn(3, *input_shape)
     temporary = _atomic_target(path)
     try:
@@ -70,8 +75,22 @@ def export_onnx(model: nn.Module, path: Path, input_shape: Sequence[int]) -> Pat
         temporary.unlink(missing_ok=True)
         raise KDError(f"ONNX export differs from PyTorch by {max_error:.2e} (> {ONNX_TOLERANCE}); "
                       "drop onnx from export", field="export", code="export_failed")
+    if metadata:
+        write_onnx_metadata(temporary, metadata)
     os.replace(temporary, path)
     return path
+
+
+def write_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Set the model's metadata_props (key -> JSON value), so the file carries its own input contract."""
+    import onnx
+
+    model = onnx.load(str(path))
+    existing = {prop.key: prop for prop in model.metadata_props}
+    for key, value in metadata.items():
+        prop = existing.get(key) or model.metadata_props.add()
+        prop.key, prop.value = key, json.dumps(value)
+    onnx.save_model(model, str(path))
 
 
 def onnx_max_error(model: nn.Module, path: Path, example: torch.Tensor) -> float:

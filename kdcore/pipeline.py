@@ -23,32 +23,40 @@ from kdcore.augment import augment_is_random, build_augment, check_augment_fits
 from kdcore.budget import check_student_budget
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.checkpoint import Checkpointer, RunState
-from kdcore.data import DataBundle, check_labels_fit, load_data
+from kdcore.data import DataBundle, Preprocess, check_labels_fit, load_data
 from kdcore.errors import KDError
 from kdcore.evaluate import (
     agreement,
     classification_metrics,
     confusion_matrix,
+    correct,
     cpu_latency_ms,
     image_example,
     parameter_count,
+    size_and_speed_warnings,
     size_mb,
 )
 from kdcore.inference import predict_logits
+from kdcore.latency import like_for_like_latency
 from kdcore.limits import ResourceLimits
 from kdcore.losses import build_distill_loss, cross_entropy_loss
 from kdcore.mixup import build_mixup
 from kdcore.models import build_model
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
+from kdcore.selection import restore_best
 from kdcore.sharing import share_parameters
+from kdcore.significance import gain_over_baseline
 from kdcore.spec import JobSpec, for_task
 from kdcore.tasks import resolve_task
 from kdcore.teacher import Teacher, check_teacher_fits, load_teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
+from kdcore.teacher_check import check_message, check_teacher_accuracy, enforce
 from kdcore.teacher_sniff import TeacherInfo, sniff_teacher
 from kdcore.trainer import DeviceData, ProgressTracker, Stage, Trainer
 
 STUDENT_STAGES = ("distill", "finetune")
+INPUT_CONTRACT = ("float32 N x C x H x W (or N x F): stored uint8 pixels / 255, then (x - mean) / std per "
+                  "channel as in normalize; returns logits in the order of class_names")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class RunOptions:
     # causal_lm with method.top_k: the folder of content-addressed teacher top-K caches (one per user, say);
     # a job whose key is there trains without loading the teacher. None keeps the cache in memory only.
     lm_cache_dir: Path | None = None
+    job_id: str | None = None  # the service's job id, written into the exports' metadata
 
     @property
     def checkpoints(self) -> Path:
@@ -149,6 +158,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     check_teacher_fits(teacher, preprocess(data.train.x[:4].to(runtime.device)), data.num_classes)
     teacher.module.eval().requires_grad_(False)
     stages = plan_stages(spec, teacher)
+    teacher_check = _check_teacher_accuracy(spec, data, teacher, preprocess, runtime, callbacks)
 
     checkpointer = Checkpointer(options.checkpoints)
     state = (checkpointer.load() if options.resume else None) or RunState()
@@ -166,6 +176,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
         seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
         tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
+        select=spec.stages.select,
     )
     trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
     trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
@@ -188,8 +199,15 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         else:
             trainer.fit(stage, model, cross_entropy_loss, state)
 
+    selected = restore_best(state.info, models) if spec.stages.select == "best_val" else {}
+
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, inputs, models, preprocess, runtime, options, state)
+    metrics["selected_epochs"] = selected
+    if teacher_check is not None:
+        metrics["teacher_check"] = teacher_check
+        if not teacher_check["passed"]:
+            metrics.setdefault("warnings", []).append(check_message(teacher_check))
     announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, data, models, metrics, options)
     announce(callbacks, "report", fraction=1.0)
@@ -197,6 +215,24 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     if not options.keep_checkpoint:
         checkpointer.clear()
     return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
+
+
+def _check_teacher_accuracy(spec: JobSpec, data: DataBundle, teacher: Teacher, preprocess: Preprocess,
+                            runtime: Runtime, callbacks: Callbacks) -> dict[str, Any] | None:
+    """stages.teacher_check: the teacher on held-out data before any training; fails fast near chance."""
+    if spec.stages.teacher_check == "off":
+        return None
+    split = data.val if data.val is not None and len(data.val) else data.train
+    result = check_teacher_accuracy(
+        teacher.module, x=split.x, y=split.y, train_x=data.train.x,
+        split="validation split" if split is data.val else "training split (val_fraction is 0)",
+        preprocess=preprocess, num_classes=data.num_classes, runtime=runtime, batch_size=spec.eval_batch_size)
+    callbacks.on_log(f"teacher check: {100 * result['accuracy']:.1f}% on {result['samples']} samples of the "
+                     f"{result['split']} (chance {100 * result['chance']:.1f}%)")
+    warning = enforce(result, spec.stages.teacher_check, teacher_adapts=spec.stages.teacher_finetune_epochs > 0)
+    if warning is not None:
+        callbacks.on_log(f"warning: {warning}")
+    return result
 
 
 def _with_teacher_classes(data: DataBundle, info: TeacherInfo) -> DataBundle:
@@ -288,16 +324,19 @@ def _evaluate(spec: JobSpec, data: DataBundle, inputs: JobInputs, models: dict[s
         model = models[key]
         logits[key] = predict_logits(model, x, preprocess=preprocess, runtime=runtime,
                                      batch_size=spec.eval_batch_size)
-        cpu_model = model if runtime.device.type == "cpu" else model.cpu()
         results[key] = {
             **classification_metrics(logits[key], y, data.num_classes),
             "params": parameter_count(model),
             "size_mb": size_mb(model, inputs.teacher if key == "teacher" else None),
-            "latency_ms": cpu_latency_ms(cpu_model, image_example(data.input_shape), runs=options.latency_runs),
         }
-        model.to(runtime.device)
+    latency = like_for_like_latency({key: models[key] for key in keys}, data.input_shape, runs=options.latency_runs)
+    for key in keys:
+        results[key]["latency_ms"] = latency.ms[key]
+        models[key].to(runtime.device)
     student, teacher_metrics = results["student"], results["teacher"]
+    warnings = latency.warnings + size_and_speed_warnings(teacher_metrics, student, latency.runtime)
     results.update(
+        latency_runtime=latency.runtime,
         agreement=agreement(logits["student"], logits["teacher"]),
         compression=teacher_metrics["size_mb"] / max(student["size_mb"], 1e-9),
         speedup=teacher_metrics["latency_ms"] / max(student["latency_ms"], 1e-9),
@@ -308,9 +347,12 @@ def _evaluate(spec: JobSpec, data: DataBundle, inputs: JobInputs, models: dict[s
         shared_parameters=state.info.get("shared_parameters", 0),
     )
     if "baseline" in results:
-        results["distillation_gain"] = student["accuracy"] - results["baseline"]["accuracy"]
+        results.update(gain_over_baseline(correct(logits["student"], y), correct(logits["baseline"], y),
+                                          seed=spec.seed))
     if spec.quantize == "dynamic_int8":
         results["student_int8"] = _evaluate_int8(models["student"], x, y, data, preprocess, options)
+    if warnings:
+        results["warnings"] = warnings
     return results
 
 
@@ -334,9 +376,10 @@ def _export(spec: JobSpec, data: DataBundle, models: dict[str, nn.Module], metri
     out = options.out_dir
 
     def metadata(arch: str | None, arch_args: dict[str, Any]) -> dict[str, Any]:
+        # The contract of the file: what it takes (shape, scaling, normalisation), what its outputs mean, whence.
         return {"arch": arch, "arch_args": arch_args, "input_shape": list(data.input_shape),
-                "num_classes": data.num_classes, "class_names": data.class_names,
-                "normalize": spec.data.normalize.model_dump()}
+                "input": INPUT_CONTRACT, "num_classes": data.num_classes, "class_names": data.class_names,
+                "normalize": spec.data.normalize.model_dump(), "job_id": options.job_id}
 
     artifacts = []
     if spec.stages.teacher_finetune_epochs:
@@ -349,7 +392,8 @@ def _export(spec: JobSpec, data: DataBundle, models: dict[str, nn.Module], metri
     if "torchscript" in spec.export:
         artifacts.append(exporting.export_torchscript(student, out / "student.ts", data.input_shape))
     if "onnx" in spec.export:
-        artifacts.append(exporting.export_onnx(student, out / "student.onnx", data.input_shape))
+        artifacts.append(exporting.export_onnx(student, out / "student.onnx", data.input_shape,
+                                               metadata(spec.student.arch, spec.student.arch_args)))
     if spec.quantize == "dynamic_int8":
         quantized = exporting.quantize_dynamic_int8(student)
         artifacts.append(exporting.export_torchscript(quantized, out / "student_int8.ts", data.input_shape))
@@ -400,9 +444,11 @@ def prepare_teacher_cache(spec: JobSpec, inputs: JobInputs, options: RunOptions,
     preprocess = data.preprocess.to(runtime.device)
     check_teacher_fits(teacher, preprocess(data.train.x[:4].to(runtime.device)), data.num_classes)
     plan_stages(spec, teacher)
+    teacher.module.eval().requires_grad_(False)
+    # Once here, so a teacher near chance fails the search before it queues trials that would each fail.
+    _check_teacher_accuracy(spec, data, teacher, preprocess, runtime, callbacks)
     if options.teacher_cache is None or augment_is_random(spec.data.augment) or spec.data.mixup > 0:
         return None
-    teacher.module.eval().requires_grad_(False)
     train = DeviceData(data.train.x.to(runtime.device), data.train.y.to(runtime.device))
     _teacher_targets(spec, teacher, train, preprocess, runtime, callbacks, options.teacher_cache)
     return options.teacher_cache

@@ -6,16 +6,17 @@ Field names follow ARCHITECTURE.md. Every model forbids unknown keys so that a t
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from kdcore.architectures import ARCHITECTURES, SpecError, known_architectures, validate_arch_args
+from kdcore.architectures import ARCHITECTURES, SpecError, unknown_architecture, validate_arch_args
 from kdcore.tune_space import apply_settings, check_path
 
 TeacherFormat = Literal["auto", "torchscript", "exported", "safetensors", "onnx", "state_dict", "hf"]
@@ -199,7 +200,24 @@ class StagesSpec(_Strict):
     finetune_epochs: int = Field(
         default=0, ge=0, le=10000, validate_default=True, description="Hard-label fine-tune of the student."
     )
-    baseline: bool = Field(default=False, description="Also train the student without a teacher, same budget.")
+    baseline: bool = Field(
+        default=True,
+        description="Also train the same student without a teacher, same epochs and seed, so the report can show "
+        "what distillation bought (with a 95% interval). Costs the student's training time once more; "
+        "turn off for a quicker job.",
+    )
+    teacher_check: Literal["fail", "warn", "off"] = Field(
+        default="fail",
+        description="Before any training, score the teacher on the validation split; near chance it fails the job "
+        "(warn: only reports it) with what it tried: the data's own normalisation, swapped colour channels, "
+        "another label order. Image jobs; warns only when the teacher is fine-tuned first.",
+    )
+    select: Literal["best_val", "last"] = Field(
+        default="best_val",
+        description="Which weights of the student (and baseline) ship: those of the epoch with the best validation "
+        "accuracy, so a late collapse does not ship, or the last epoch's. best_val needs val_fraction > 0 "
+        "(else last).",
+    )
 
     @field_validator("finetune_epochs")
     @classmethod
@@ -553,7 +571,7 @@ def _text_defaults(spec: JobSpec, resolved: JobSpec) -> None:
 
 def _check_arch_name(arch: str) -> str:
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(known_architectures())}")
+        raise ValueError(unknown_architecture(arch))
     return arch
 
 
@@ -579,9 +597,37 @@ def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
         field = ".".join(str(part) for part in err["loc"]) or "spec"
         # A check over several fields names the one at fault itself (tune.space.<path>).
         field = str((err.get("ctx") or {}).get("field", field))
-        message = err["msg"].removeprefix("Value error, ")
+        message = err["msg"].removeprefix("Value error, ") + _did_you_mean(err)
         errors.append({"field": field, "message": message})
     return errors
+
+
+def _did_you_mean(err: Any) -> str:
+    """'; did you mean ...?' for a misspelt field name or choice, else nothing (difflib's close matches)."""
+    if err["type"] == "extra_forbidden":
+        model = _model_at(err["loc"][:-1])
+        typed, known = str(err["loc"][-1]), list(model.model_fields) if model is not None else []
+    elif err["type"] == "literal_error":
+        typed, known = str(err.get("input")), re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected")))
+    else:
+        return ""
+    close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The spec model that holds the fields at `loc` (a path of field names), or None past a list or dict."""
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        nested = [arg for arg in (field.annotation, *get_args(field.annotation))
+                  if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
 
 
 def parse_spec(data: Any) -> JobSpec:

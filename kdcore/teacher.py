@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
+import tempfile
 import types
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcore.archive import safe_member_path
 from kdcore.errors import BadInputError, KDError, MismatchError, UnsafeFormatError
 from kdcore.limits import ResourceLimitError
 from kdcore.models import build_model
+from kdcore.onnx_sniff import OnnxFacts
 from kdcore.spec import TeacherSpec
+from kdcore.teacher_mismatch import adapt_channel_prefix, explain_mismatch
 from kdcore.teacher_sniff import ALLOW_CODE_SETTING, DEFAULT_MAX_BYTES, TeacherInfo, sniff_teacher
 
 _FORMAT_NAMES = {
@@ -83,7 +89,7 @@ def load_teacher(
         module = _build_and_load(spec, info.format, state, input_shape, num_classes)
         return Teacher(module.to(target), info.format, True, spec.arch, info, target)
     if info.format == "onnx":
-        return Teacher(_load_onnx(path, target, onnx_arena_bytes), "onnx", False, spec.arch, info, target)
+        return Teacher(_load_onnx(path, target, onnx_arena_bytes, info), "onnx", False, spec.arch, info, target)
     _require_code_allowed(info.format, allow_code)
     if info.format == "torchscript":
         return Teacher(_load_torchscript(path).to(target), "torchscript", True, spec.arch, info, target)
@@ -169,12 +175,14 @@ def _build_and_load(
         model = build_model(spec.arch, spec.arch_args, input_shape, num_classes)
     except KDError as exc:  # e.g. an image architecture for flat feature vectors
         raise MismatchError(exc.message, field="teacher.arch") from None
-    _check_keys_and_shapes(model, state, spec.arch)
+    state = adapt_channel_prefix(model.state_dict(), state)
+    _check_keys_and_shapes(model, state, spec.arch, spec.arch_args)
     model.load_state_dict(state, strict=True)
     return model
 
 
-def _check_keys_and_shapes(model: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
+def _check_keys_and_shapes(model: nn.Module, state: dict[str, torch.Tensor], arch: str,
+                           arch_args: dict[str, Any]) -> None:
     """Say which tensors disagree, in words, before load_state_dict says it less readably."""
     expected = model.state_dict()
     problems = []
@@ -192,10 +200,12 @@ def _check_keys_and_shapes(model: nn.Module, state: dict[str, torch.Tensor], arc
     if reshaped:
         problems.append(f"shape mismatch {_listed(reshaped)}")
     if problems:
+        plain = explain_mismatch(arch, arch_args, expected, state)
         raise MismatchError(
-            f"the teacher's weights do not fit architecture {arch!r} with these arch_args and the data's "
+            (f"{'; '.join(plain)}. In detail: " if plain else "")
+            + f"the teacher's weights do not fit architecture {arch!r} with these arch_args and the data's "
             f"input shape and classes: {'; '.join(problems)}",
-            field="teacher.arch",
+            field="teacher.arch_args" if any("did you mean" in line for line in plain) else "teacher.arch",
         )
 
 
@@ -260,9 +270,15 @@ def _clear_training_flag(self: nn.Module) -> nn.Module:
 class OnnxTeacher(nn.Module):
     """Wraps an onnxruntime session as a module: tensor in, float32 logits out on the input's device."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, model_path: Path, facts: OnnxFacts | None = None,
+                 unpacked: tempfile.TemporaryDirectory[str] | None = None) -> None:
         super().__init__()
         self.session = session
+        self.model_path = model_path  # where a second session (CPU latency) can be opened from
+        self._unpacked = unpacked  # a zipped model's files live as long as the teacher does
+        # Counted from the graph's initializers: the session has no parameters for PyTorch to count.
+        self.num_parameters = facts.parameters if facts is not None else 0
+        self.weight_bytes = facts.weight_bytes if facts is not None else 0
         model_input = session.get_inputs()[0]
         self.input_name: str = model_input.name
         self.input_dtype = _ONNX_INPUT_DTYPES[model_input.type]
@@ -298,9 +314,32 @@ def _limit_onnx_arena(ort: Any, options: Any, max_bytes: int) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def _load_onnx(path: Path, device: torch.device, arena_bytes: int | None = None) -> nn.Module:
+def _unpack_onnx_zip(path: Path, facts: OnnxFacts) -> tuple[Path, tempfile.TemporaryDirectory[str]]:
+    """Copy the zipped model and the data files it names (nothing else) into a private folder."""
+    assert facts.archive_member is not None
+    folder = tempfile.TemporaryDirectory(prefix="onnx-teacher-")
+    root = Path(folder.name)
+    with zipfile.ZipFile(path) as archive:
+        for name in (facts.archive_member, *facts.data_members):
+            target = safe_member_path(root, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            info = archive.getinfo(name)
+            with archive.open(info) as source, target.open("wb") as sink:
+                # The sniffer checked the declared size; a member that inflates past it is not copied further.
+                shutil.copyfileobj(source, sink, length=1 << 20)
+            if target.stat().st_size != info.file_size:
+                raise BadInputError(f"zip member {name!r} is not the size it declares", field="teacher.file")
+    return safe_member_path(root, facts.archive_member), folder
+
+
+def _load_onnx(path: Path, device: torch.device, arena_bytes: int | None = None,
+               info: TeacherInfo | None = None) -> nn.Module:
     import onnxruntime as ort  # only ONNX teachers need it
 
+    facts = info.onnx if info is not None else None
+    unpacked = None
+    if facts is not None and facts.archive_member is not None:
+        path, unpacked = _unpack_onnx_zip(path, facts)
     options = ort.SessionOptions()
     if arena_bytes is not None:
         _limit_onnx_arena(ort, options, arena_bytes)
@@ -325,7 +364,7 @@ def _load_onnx(path: Path, device: torch.device, arena_bytes: int | None = None)
             f"the ONNX teacher takes {inputs[0].type} input; only float tensors can carry images",
             field="teacher.file",
         )
-    return OnnxTeacher(session)
+    return OnnxTeacher(session, path, facts, unpacked)
 
 
 def _onnx_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]]:
@@ -344,8 +383,11 @@ def check_teacher_fits(teacher: Teacher, sample: torch.Tensor, num_classes: int)
     sample_shape = _shape_text(sample.shape[1:])
     expected = teacher.info.input_shape
     if expected is not None and not _shape_fits(expected, sample.shape[1:]):
+        channels = ""
+        if len(expected) == 3 == sample.dim() - 1 and expected[0] is not None and expected[0] != sample.shape[1]:
+            channels = f"the teacher expects {expected[0]} input channels, the data has {sample.shape[1]}: "
         raise MismatchError(
-            f"teacher expects input {_shape_text(expected)} but the data's samples are {sample_shape}",
+            f"{channels}teacher expects input {_shape_text(expected)} but the data's samples are {sample_shape}",
             field="teacher",
         )
     output = _run_once(teacher, sample.to(teacher.device), sample_shape)
@@ -383,8 +425,8 @@ def _check_logits(output: Any, batch: int, num_classes: int) -> None:
     classes = output.shape[1]
     if classes != num_classes:
         raise MismatchError(
-            f"teacher outputs {classes} classes but the data has labels 0..{num_classes - 1} "
-            f"({num_classes} classes)",
+            f"the teacher has {classes} outputs, the data {num_classes} classes: teacher outputs {classes} "
+            f"classes but the data has labels 0..{num_classes - 1} ({num_classes} classes)",
             field="teacher",
         )
     if not torch.isfinite(output).all():

@@ -14,8 +14,7 @@ import json
 import re
 import struct
 import zipfile
-from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, Field
@@ -23,6 +22,7 @@ from pydantic import BaseModel, Field
 from kdcore.archive import DEFAULT_LIMITS, ArchiveLimits, check_central_directory
 from kdcore.errors import BadInputError
 from kdcore.hf_sniff import HfInfo, is_hf_folder, sniff_hf_zip
+from kdcore.onnx_sniff import MAX_ONNX_BYTES, OnnxFacts, is_onnx_zip, sniff_onnx_file, sniff_onnx_zip
 
 SniffedFormat = Literal["safetensors", "onnx", "state_dict", "torchscript", "exported", "hf"]
 
@@ -32,8 +32,6 @@ ALLOW_CODE_SETTING = "DISTILLERY_ALLOW_CODE_TEACHERS"
 DEFAULT_MAX_BYTES = 4 * 2**30
 #: The safetensors library refuses larger headers too; it also bounds what we json-parse.
 MAX_SAFETENSORS_HEADER = 100_000_000
-#: Protobuf cannot hold more than 2 GiB, so a larger file cannot be a single-file ONNX model.
-MAX_ONNX_BYTES = 2 * 2**30
 
 _FIELD = "teacher.file"
 
@@ -59,6 +57,7 @@ class TeacherInfo(BaseModel):
     num_tensors: int | None = Field(default=None, description="Number of stored tensors, if cheap to count.")
     details: str = Field(default="", description="One human-readable line about the file.")
     hf: HfInfo | None = Field(default=None, description="Hugging Face model folders: what their config says.")
+    onnx: OnnxFacts | None = Field(default=None, description="ONNX models: parameters, weight bytes, zip members.")
 
 
 def sniff_teacher(
@@ -221,6 +220,8 @@ def _sniff_torch_zip(path: Path, limits: ArchiveLimits) -> TeacherInfo:
             names = archive.namelist()
             if is_hf_folder(names):
                 return _hf_info(sniff_hf_zip(archive))
+            if is_onnx_zip(names):
+                return _onnx_teacher_info(sniff_onnx_zip(archive, limits))
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise BadInputError(f"corrupt or truncated zip archive ({exc})", field=_FIELD) from None
     if len(names) > limits.max_members:
@@ -241,11 +242,32 @@ def _sniff_torch_zip(path: Path, limits: ArchiveLimits) -> TeacherInfo:
     if "data.pkl" in records:
         storages = sum(1 for record in records if record.startswith("data/"))
         return TeacherInfo(format="state_dict", details=f"torch.save archive with {storages} storages")
+    if (dataset := looks_like_dataset(names)) is not None:
+        raise BadInputError(
+            f"this looks like a dataset ({dataset}), not a teacher model: give it as data.train (uploaded with "
+            "purpose dataset) and the trained model as teacher.file", field=_FIELD)
     raise BadInputError(
         "not a teacher model: file starts with b'PK' (a zip archive) but has no TorchScript, "
-        ".pt2 or torch.save layout",
+        ".pt2, torch.save, ONNX or Hugging Face layout",
         field=_FIELD,
     )
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def looks_like_dataset(names: list[str]) -> str | None:
+    """What kind of dataset a zip's listing suggests (an .npz, an ImageFolder zip), or None."""
+    files = [name for name in names if not name.endswith("/")]
+    arrays = [name for name in files if name.endswith(".npy")]
+    if arrays and len(arrays) == len(files):
+        shown = ", ".join(name.removesuffix(".npy") for name in sorted(arrays)[:4])
+        return f"an .npz of arrays {shown}"
+    images = [name for name in files if name.lower().endswith(_IMAGE_SUFFIXES)]
+    if images and len(images) >= len(files) / 2:
+        folders = {PurePosixPath(name).parent.name for name in images}
+        return f"an ImageFolder zip of {len(images)} images in {len(folders)} folders"
+    return None
 
 
 def _hf_info(info: HfInfo) -> TeacherInfo:
@@ -275,85 +297,17 @@ def _sniff_onnx_or_fail(path: Path, size: int, head: bytes) -> TeacherInfo:
     """Last resort: try to parse a protobuf ModelProto. Anything else is not a teacher."""
     # Serializers write fields in number order, so a ModelProto starts with ir_version (tag 0x08).
     claims_onnx = head[:1] == b"\x08"
-    if size > MAX_ONNX_BYTES:
-        raise _unknown_format(head)
-    model = _parse_onnx(path)
-    if model is None or not _is_plausible_onnx(model):
-        if claims_onnx:
+    facts = sniff_onnx_file(path, size)
+    if facts is None:
+        if claims_onnx and size <= MAX_ONNX_BYTES:
             raise BadInputError("corrupt or truncated ONNX model (the protobuf does not parse)", field=_FIELD)
         raise _unknown_format(head)
-    return _onnx_info(model)
+    return _onnx_teacher_info(facts)
 
 
-def _parse_onnx(path: Path) -> Any:
-    import onnx  # protobuf only, no torch; imported here so plain safetensors sniffing stays light
-
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception:  # protobuf's DecodeError and friends: the bytes are not a ModelProto
-        return None
-
-
-def _is_plausible_onnx(model: Any) -> bool:
-    # Random bytes occasionally decode as a protobuf; a real model has a version, an opset and a graph.
-    return model.ir_version > 0 and len(model.opset_import) > 0 and len(model.graph.output) > 0
-
-
-def _onnx_info(model: Any) -> TeacherInfo:
-    graph = model.graph
-    if any(_uses_external_data(tensor) for tensor in _all_tensors(graph)):
-        # External data would be read from paths the uploader chose: refuse rather than resolve them.
-        raise BadInputError(
-            "ONNX model keeps its weights in external data files; upload a single-file model", field=_FIELD
-        )
-    initializers = {tensor.name for tensor in graph.initializer}
-    # Older exporters list the initializers among the graph inputs; only the rest are fed.
-    inputs = [value for value in graph.input if value.name not in initializers]
-    input_dims = _onnx_dims(inputs[0]) if inputs else None
-    input_shape = input_dims[1:] if input_dims else None
-    output_dims = _onnx_dims(graph.output[0])
-    output_size = output_dims[-1] if output_dims and len(output_dims) == 2 else None
-    details = f"ONNX model (opset {max(op.version for op in model.opset_import)}), {len(inputs)} input(s)"
-    return TeacherInfo(
-        format="onnx", output_size=output_size, input_shape=input_shape,
-        num_tensors=len(graph.initializer), details=details,
-    )
-
-
-def _all_tensors(graph: Any) -> Iterator[Any]:
-    """Every tensor a graph holds: initializers (dense and sparse), and those in node attributes
-    (`Constant` values, `ConstantOfShape` fills, ...), subgraphs (If, Loop, Scan) included."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("sparse_tensor"):
-                yield attribute.sparse_tensor.values
-                yield attribute.sparse_tensor.indices
-            for sparse in attribute.sparse_tensors:
-                yield sparse.values
-                yield sparse.indices
-            if attribute.HasField("g"):
-                yield from _all_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _all_tensors(subgraph)
-
-
-def _uses_external_data(tensor: Any) -> bool:
-    return bool(tensor.data_location == 1 or len(tensor.external_data) > 0)  # 1 = TensorProto.EXTERNAL
-
-
-def _onnx_dims(value: Any) -> list[int | None] | None:
-    """Dimensions of a graph input/output: ints where fixed, None where symbolic or unknown."""
-    tensor_type = value.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    return [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
+def _onnx_teacher_info(facts: OnnxFacts) -> TeacherInfo:
+    return TeacherInfo(format="onnx", output_size=facts.output_size, input_shape=facts.input_shape,
+                       num_tensors=facts.num_tensors, details=facts.details, onnx=facts)
 
 
 def _unknown_format(head: bytes) -> BadInputError:

@@ -22,7 +22,15 @@ from kdcore.architectures import HFArgs, TextBiLSTMArgs
 from kdcore.callbacks import Callbacks
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.errors import KDError
-from kdcore.evaluate import agreement, classification_metrics, confusion_matrix, cpu_latency_ms, size_mb
+from kdcore.evaluate import (
+    agreement,
+    classification_metrics,
+    confusion_matrix,
+    correct,
+    cpu_latency_ms,
+    size_and_speed_warnings,
+    size_mb,
+)
 from kdcore.hf_models import (
     HfFolder,
     StudentPlan,
@@ -47,6 +55,8 @@ from kdcore.pipeline import (
     write_reports,
 )
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
+from kdcore.selection import restore_best
+from kdcore.significance import gain_over_baseline
 from kdcore.spec import JobSpec
 from kdcore.teacher import Teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
@@ -105,6 +115,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
         runtime=runtime, optim=spec.optim, train=train, val=val, batch_size=spec.batch_size,
         eval_batch_size=spec.eval_batch_size, seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
         tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
+        select=spec.stages.select,
     )
     trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
     trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
@@ -139,8 +150,11 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     if student_plan is None:  # no student stage ran (cannot happen: the spec requires one), kept total
         student_plan = _students(spec, inputs, folder, tokenizer, teacher_model, data, scratch, state, models)
 
+    selected = restore_best(state.info, models) if spec.stages.select == "best_val" else {}
+
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, models, student_plan, pad_id, runtime, options, state)
+    metrics["selected_epochs"] = selected
     announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, data, models, tokenizer, student_plan, options)
     announce(callbacks, "report", fraction=1.0)
@@ -326,8 +340,12 @@ def _evaluate(spec: JobSpec, data: TextData, models: dict[str, nn.Module], plan:
         truncated=data.info["truncated"],
         disagreements=_disagreements(split, logits, data.class_names),
     )
+    results["latency_runtime"] = "pytorch"
+    if found := size_and_speed_warnings(teacher, student, "pytorch"):
+        results["warnings"] = found
     if "baseline" in results:
-        results["distillation_gain"] = student["accuracy"] - results["baseline"]["accuracy"]
+        results.update(gain_over_baseline(correct(logits["student"], labels), correct(logits["baseline"], labels),
+                                          seed=spec.seed))
     if spec.quantize == "dynamic_int8":
         quantized = image_export.quantize_dynamic_int8(deployable(models["student"]))
         wrapped = TextClassifier(quantized) if isinstance(models["student"], TextClassifier) else quantized
@@ -359,7 +377,8 @@ def _export(spec: JobSpec, data: TextData, models: dict[str, nn.Module], tokeniz
     student = models["student"].cpu().eval()
     shipped = deployable(student)
     metadata = {"task": "text_classification", "class_names": data.class_names, "max_length": data.max_length,
-                "arch": spec.student.arch, "arch_args": spec.student.arch_args, "student": plan.description}
+                "arch": spec.student.arch, "arch_args": spec.student.arch_args, "student": plan.description,
+                "job_id": options.job_id}
     is_hf = isinstance(student, TextClassifier)
     artifacts = []
     if spec.stages.teacher_finetune_epochs:
@@ -376,6 +395,8 @@ def _export(spec: JobSpec, data: TextData, models: dict[str, nn.Module], tokeniz
         artifacts.append(text_export.export_safetensors(shipped, out / "student.safetensors", metadata))
     if "onnx" in spec.export:
         with_type_ids = is_hf and "token_type_ids" in tokenizer.model_input_names
-        artifacts.append(text_export.export_text_onnx(student, out / "student.onnx", vocab_size=len(tokenizer),
-                                                      with_type_ids=with_type_ids))
+        onnx_path = text_export.export_text_onnx(student, out / "student.onnx", vocab_size=len(tokenizer),
+                                                 with_type_ids=with_type_ids)
+        image_export.write_onnx_metadata(onnx_path, metadata)
+        artifacts.append(onnx_path)
     return artifacts

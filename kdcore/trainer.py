@@ -25,6 +25,7 @@ from kdcore.errors import CancelledError, TrainingDivergedError
 from kdcore.losses import LossFn
 from kdcore.mixup import Mixup, hard_labels
 from kdcore.runtime import Runtime, capture_rng
+from kdcore.selection import remember_if_best
 from kdcore.spec import OptimSpec
 
 # Teacher targets for a batch: (sample indices, model inputs) -> teacher logits.
@@ -112,8 +113,10 @@ class Trainer:
         tracker: ProgressTracker,
         progress_interval_s: float = 1.0,
         mixup: Mixup | None = None,
+        select: str = "last",
     ) -> None:
         self.runtime = runtime
+        self.select = select  # stages.select: best_val keeps the best validated weights in the run state
         self.optim = optim
         # Image splits may come as tensors; the preprocessing (and, for training, augmentation) wraps them.
         self.train = _as_batches(train, preprocess, augment, mixup)
@@ -154,6 +157,8 @@ class Trainer:
             metrics = {**train_metrics, **self.validate(model), "lr": float(scheduler.get_last_lr()[0]),
                        "train_time_s": train_time_s, "epoch_time_s": time.monotonic() - started}
             state.history.append({"stage": stage.name, "epoch": epoch + 1, **metrics})
+            if self.select == "best_val":
+                remember_if_best(state.info, stage.model_key, stage.name, epoch + 1, model, metrics)
             self._checkpoint(state, stage, epoch + 1, model, optimizer, scheduler, shuffle_rng)
             self.callbacks.on_epoch_end(self._progress(stage, epoch + 1, self.steps_per_epoch, metrics))
 
@@ -172,6 +177,9 @@ class Trainer:
         model.train()
         order = self.train.epoch_order(self.batch_size, shuffle_rng)
         loss_sum = torch.zeros((), device=self.runtime.device)
+        # The hard-label cross-entropy beside the stage's own loss: a distillation loss is scaled by T^2
+        # and cannot share an axis with the validation cross-entropy, this one can.
+        ce_sum = torch.zeros((), device=self.runtime.device)
         correct = torch.zeros((), device=self.runtime.device, dtype=torch.long)
         seen = 0
         last_report = time.monotonic()
@@ -203,6 +211,9 @@ class Trainer:
 
             # Sums stay on the device: reading them every step would sync a GPU each time.
             loss_sum += loss.detach() * len(indices)
+            if labels is not None:
+                with torch.no_grad():
+                    ce_sum += F.cross_entropy(logits.detach().float(), labels) * len(indices)
             correct += (logits.detach().argmax(dim=1) == hard_labels(labels)).sum()
             seen += len(indices)
             self.tracker.done_steps += 1
@@ -211,7 +222,7 @@ class Trainer:
                 running = self._finite_mean(loss_sum, seen, stage, epoch)
                 self.callbacks.on_progress(self._progress(stage, epoch + 1, step + 1, {"train_loss": running}))
         return {"train_loss": self._finite_mean(loss_sum, seen, stage, epoch),
-                "train_accuracy": correct.item() / max(1, seen)}
+                "train_ce": ce_sum.item() / max(1, seen), "train_accuracy": correct.item() / max(1, seen)}
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         if self.val is None or len(self.val) == 0:

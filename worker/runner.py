@@ -255,6 +255,7 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
         latency_runs=job_run.settings.latency_runs,
         limits=resource_limits(job_run.settings),
         teacher_cache=teacher_cache,
+        job_id=job_run.job_id,
     )
     callbacks = _callbacks(job_run)
     try:

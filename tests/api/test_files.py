@@ -161,3 +161,39 @@ def test_delete_file_used_by_finished_job_204(
 ) -> None:
     job = factories.make_job(session, storage, alice.user, job_state=JobState.SUCCEEDED)
     assert client.delete(f"/v1/files/{job.spec['teacher']['file']}", headers=alice.headers).status_code == 204
+
+
+def _onnx_zip_bytes(tmp_path) -> bytes:  # type: ignore[no-untyped-def]
+    """A 4 -> 3 linear ONNX model whose weights live in a data file, zipped together (as torch exports them)."""
+    import io
+    import zipfile
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "weight")
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "weight"], ["logits"])], "linear",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], [weight])
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "teacher.onnx"), save_as_external_data=True,
+                    location="teacher.onnx.data", size_threshold=0)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in ("teacher.onnx", "teacher.onnx.data"):
+            archive.write(tmp_path / name, name)
+    return buffer.getvalue()
+
+
+def test_create_file_onnx_with_external_data_as_zip_201(client: TestClient, alice: Account, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    response = _upload(client, alice, _onnx_zip_bytes(tmp_path), "teacher", "teacher.zip")
+    assert response.status_code == 201, response.text
+    info = response.json()["info"]
+    assert info["format"] == "onnx" and info["output_size"] == 3
+    assert info["onnx"]["parameters"] == 12 and info["onnx"]["data_members"] == ["teacher.onnx.data"]
+
+
+def test_create_file_dataset_as_teacher_422_says_so(client: TestClient, alice: Account) -> None:
+    response = _upload(client, alice, factories.npz_bytes(), "teacher", "data.npz")
+    assert response.status_code == 422
+    assert "this looks like a dataset" in response.json()["error"]["message"]

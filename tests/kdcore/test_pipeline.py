@@ -122,6 +122,23 @@ def test_exports_score_like_pytorch(workdir: Path, tmp_path: Path) -> None:
     assert onnx_accuracy == pytest.approx(result.metrics["student"]["accuracy"])
 
 
+def test_exports_carry_their_contract(workdir: Path, tmp_path: Path) -> None:
+    import onnx
+    from safetensors import safe_open
+
+    spec = _spec(workdir, export=["safetensors", "onnx"], data={"normalize": {"mean": [0.1], "std": [0.3]}})
+    _run(workdir, tmp_path, spec, job_id="job-123")
+    onnx_props = {prop.key: json.loads(prop.value) for prop in onnx.load(str(tmp_path / "student.onnx")).metadata_props}
+    with safe_open(str(tmp_path / "student.safetensors"), "pt") as handle:
+        st_props = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+    for props in (onnx_props, st_props):
+        assert props["normalize"] == {"mean": [0.1], "std": [0.3]}
+        assert props["class_names"] == ["0", "1", "2", "3"]
+        assert props["input_shape"] == [1, 8, 8]
+        assert props["job_id"] == "job-123"
+        assert "uint8 pixels / 255" in props["input"]
+
+
 def test_progress_fraction_rises_to_one(workdir: Path, tmp_path: Path) -> None:
     recorder = Recorder()
     _run(workdir, tmp_path, _spec(workdir), recorder, progress_interval_s=0.0)

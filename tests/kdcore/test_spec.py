@@ -22,7 +22,8 @@ def _errors(raw: dict) -> list[dict[str, str]]:
 def test_parse_spec_fills_documented_defaults() -> None:
     spec = parse_spec(MINIMAL)
     assert spec.method.temperature == 4.0 and spec.method.alpha == 0.9
-    assert spec.stages.distill_epochs == 10 and not spec.stages.baseline
+    assert spec.stages.distill_epochs == 10 and spec.stages.baseline
+    assert spec.stages.teacher_check == "fail" and spec.stages.select == "best_val"
     assert spec.export == ["safetensors", "torchscript", "onnx"]
     assert spec.student.arch is None and spec.data.augment == "none"  # the task's default, filled by for_task
     assert for_task(spec, "image_classification").student.arch == "mlp"
@@ -147,3 +148,24 @@ def test_a_stored_resolved_spec_resolves_again_to_itself(task: str, raw: dict[st
     # The service stores the resolved spec, every field named; the worker resolves it again.
     resolved = for_task(parse_spec(raw), task)
     assert for_task(parse_spec(resolved.model_dump(mode="json")), task) == resolved
+
+
+@pytest.mark.parametrize(("patch", "field", "suggestion"), [
+    ({"method": {"temprature": 2.0}}, "method.temprature", "did you mean 'temperature'?"),
+    ({"stages": {"baseline": True, "selct": "last"}}, "stages.selct", "did you mean 'select'?"),
+    ({"data": {"train": "d.npz", "normalise": {}}}, "data.normalise", "did you mean 'normalize'?"),
+    ({"teacher": {"file": "t", "format": "onxx"}}, "teacher.format", "did you mean 'onnx'?"),
+    ({"optim": {"schedule": "cosin"}}, "optim.schedule", "did you mean 'cosine'?"),
+    ({"stages": {"select": "best"}}, "stages.select", "did you mean 'best_val'?"),
+    ({"student": {"arch": "resnet_smal"}}, "student.arch", "did you mean 'resnet_small'"),
+    ({"student": {"arch": "mlp", "arch_args": {"hiden": [3]}}}, "student.arch_args", "did you mean 'hidden'?"),
+])
+def test_typos_get_a_did_you_mean(patch: dict, field: str, suggestion: str) -> None:
+    errors = _errors({**MINIMAL, **patch})
+    assert [e["field"] for e in errors] == [field]
+    assert suggestion in errors[0]["message"]
+
+
+def test_no_suggestion_for_a_name_unlike_any_field() -> None:
+    (error,) = _errors({**MINIMAL, "method": {"zzzzqqq": 1}})
+    assert error["field"] == "method.zzzzqqq" and "did you mean" not in error["message"]

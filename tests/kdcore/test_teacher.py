@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kdcore.errors import BadInputError, MismatchError, UnsafeFormatError
+from kdcore.models import build_model
 from kdcore.spec import TeacherSpec
 from kdcore.teacher import Teacher, check_teacher_fits, load_teacher
 from kdcore.teacher_sniff import TeacherInfo
@@ -232,7 +233,9 @@ def test_weights_that_do_not_fit_the_architecture(teacher_zoo, name: str) -> Non
     spec = _spec(teacher_zoo, path, arch_args={"hidden": [16]})
     with pytest.raises(MismatchError, match="do not fit architecture 'mlp'") as caught:
         load_teacher(spec, path, input_shape=teacher_zoo.input_shape, num_classes=teacher_zoo.num_classes)
-    assert caught.value.field == "teacher.arch"
+    assert caught.value.field == "teacher.arch_args"
+    assert caught.value.message.startswith(
+        "the teacher's file has 1 more layer than mlp(hidden=[16]) builds: did you mean hidden: [16, 8]?")
     unexpected = caught.value.message.split("unexpected ")[1].split(";")[0]
     assert set(unexpected.split(", ")) == {"5.weight", "5.bias"}
     assert "3.weight (8, 16) in the file vs (3, 16) built" in caught.value.message
@@ -311,3 +314,65 @@ def test_teacher_on_cuda(teacher_zoo, name: str) -> None:
         got = teacher.module(batch)
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), teacher_zoo.model(teacher_zoo.batch), atol=1e-4, rtol=1e-4)
+
+
+# --- mismatches in words ------------------------------------------------------------------------------
+
+
+def _saved(model: nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_a_forgotten_dropout_is_named(tmp_path: Path) -> None:
+    with_dropout = build_model("mlp", {"hidden": [12, 12], "dropout": 0.2}, (1, 4, 4), 3)
+    path = _saved(with_dropout, tmp_path / "t.safetensors")
+    spec = TeacherSpec(file=str(path), arch="mlp", arch_args={"hidden": [12, 12]})
+    with pytest.raises(MismatchError) as caught:
+        load_teacher(spec, path, input_shape=(1, 4, 4), num_classes=3)
+    assert "the teacher's layers sit at other positions than mlp(hidden=[12, 12]) puts them" in caught.value.message
+    assert "did you mean dropout, input_dropout or batchnorm?" in caught.value.message
+    assert caught.value.field == "teacher.arch_args"
+
+
+def test_other_hidden_widths_are_named(tmp_path: Path) -> None:
+    path = _saved(build_model("mlp", {"hidden": [20, 10]}, (1, 4, 4), 3), tmp_path / "t.safetensors")
+    spec = TeacherSpec(file=str(path), arch="mlp", arch_args={"hidden": [12, 12]})
+    with pytest.raises(MismatchError, match=r"hidden widths are \[20, 10\].*did you mean hidden: \[20, 10\]\?"):
+        load_teacher(spec, path, input_shape=(1, 4, 4), num_classes=3)
+
+
+def test_a_three_channel_teacher_on_one_channel_data_says_so(tmp_path: Path) -> None:
+    path = _saved(build_model("cnn", {"widths": [4], "hidden": 0}, (3, 8, 8), 3), tmp_path / "t.safetensors")
+    spec = TeacherSpec(file=str(path), arch="cnn", arch_args={"widths": [4], "hidden": 0})
+    with pytest.raises(MismatchError) as caught:
+        load_teacher(spec, path, input_shape=(1, 8, 8), num_classes=3)
+    assert caught.value.message.startswith("the teacher expects 3 input channels, the data has 1")
+
+
+def test_a_teacher_with_other_outputs_says_so(tmp_path: Path) -> None:
+    path = _saved(build_model("mlp", {"hidden": [8]}, (1, 4, 4), 10), tmp_path / "t.safetensors")
+    spec = TeacherSpec(file=str(path), arch="mlp", arch_args={"hidden": [8]})
+    with pytest.raises(MismatchError, match="the teacher has 10 outputs, the data 6 classes"):
+        load_teacher(spec, path, input_shape=(1, 4, 4), num_classes=6)
+
+
+def test_a_plain_torchvision_state_dict_loads_on_one_channel_data(tmp_path: Path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    rgb = torchvision.models.get_model("resnet18", weights=None, num_classes=4).eval()
+    path = _saved(rgb, tmp_path / "resnet.safetensors")
+    teacher = load_teacher(TeacherSpec(file=str(path), arch="resnet18"), path, input_shape=(1, 32, 32),
+                           num_classes=4)
+    gray = torch.rand(2, 1, 32, 32)
+    with torch.inference_mode():  # the adapter repeats the grey channel into the RGB model
+        torch.testing.assert_close(teacher.module.eval()(gray), rgb(gray.expand(-1, 3, -1, -1)))
+
+
+def test_onnx_teacher_with_other_channels_says_so(teacher_zoo) -> None:
+    teacher = _load(teacher_zoo, "onnx")
+    with pytest.raises(MismatchError, match="the teacher expects 1 input channels, the data has 3"):
+        check_teacher_fits(teacher, torch.randn(4, 3, 4, 4), teacher_zoo.num_classes)

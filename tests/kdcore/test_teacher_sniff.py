@@ -174,10 +174,10 @@ def test_truncated_torch_zip(teacher_zoo, tmp_path: Path, name: str) -> None:
 
 
 def test_zip_without_torch_layout(tmp_path: Path) -> None:
-    target = tmp_path / "photos.zip"
+    target = tmp_path / "notes.zip"
     with zipfile.ZipFile(target, "w") as archive:
-        archive.writestr("cats/1.png", b"\x89PNG")
-    message = r"starts with b'PK'.*no TorchScript, \.pt2 or torch\.save layout"
+        archive.writestr("notes/1.txt", b"hello")
+    message = r"starts with b'PK'.*no TorchScript, \.pt2, torch\.save, ONNX or Hugging Face layout"
     with pytest.raises(BadInputError, match=message):
         sniff_teacher(target)
 

@@ -67,7 +67,8 @@ def _spec(workdir: Path, teacher: str = "base", **overrides: Any) -> JobSpec:
         "teacher": {"file": str(workdir / f"{teacher}.zip")},
         "student": {"arch_args": {"num_hidden_layers": 1}},
         "data": {"train": str(workdir / "train.jsonl"), "test": str(workdir / "test.jsonl")},
-        "stages": {"teacher_finetune_epochs": 1 if teacher == "base" else 0, "distill_epochs": 2},
+        "stages": {"teacher_finetune_epochs": 1 if teacher == "base" else 0, "distill_epochs": 2,
+                   "baseline": False},
         "optim": {"lr": 2e-3, "teacher_lr": 2e-3},
         "threads": 2,
     }

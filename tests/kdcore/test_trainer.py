@@ -207,3 +207,68 @@ def test_mixup_trains_on_blended_hard_labels() -> None:
     assert (labels.max(dim=1).values < 0.99).float().mean() > 0.5, "most samples should be blends"
     assert [row["epoch"] for row in state.history] == [1, 2]
     assert all(0.0 <= row["train_accuracy"] <= 1.0 for row in state.history)
+
+
+def _separable(n: int, seed: int) -> DeviceData:
+    """Class = the brightest of three pixel bands: an MLP learns it in one epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    images = torch.randint(0, 60, (n, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    for band in range(3):
+        rows = labels == band
+        images[rows, :, band * 2:band * 2 + 2, :] += 180
+    return DeviceData(images, labels)
+
+
+def _collapsing_loss(good_steps: int):
+    """Cross-entropy for `good_steps` steps, then towards the wrong class: training that learns, then unlearns."""
+    calls = {"n": 0}
+
+    def loss(logits: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
+        calls["n"] += 1
+        assert labels is not None
+        wrong = labels if calls["n"] <= good_steps else (labels + 1) % 3
+        return cross_entropy_loss(logits, teacher, wrong)
+
+    return loss
+
+
+@pytest.mark.parametrize("select", ["best_val", "last"])
+def test_best_val_selection_keeps_the_weights_from_before_a_late_collapse(select: str) -> None:
+    from kdcore.selection import restore_best
+
+    train, val = _separable(192, 0), _separable(96, 1)
+    trainer = Trainer(runtime=CPU, optim=OptimSpec(lr=1e-2, schedule="constant"), train=train, val=val,
+                      preprocess=_Scale(), batch_size=16, eval_batch_size=64, seed=0, callbacks=Callbacks(),
+                      checkpointer=None, tracker=ProgressTracker(total_steps=100), select=select)
+    torch.manual_seed(0)
+    student = build_model("mlp", {"hidden": [16]}, (1, 8, 8), 3)
+    state = RunState()
+    # Two good epochs (12 steps each), then two epochs of gradient ascent.
+    trainer.fit(Stage("distill", "student", 4, 1e-2, 1), student, _collapsing_loss(24), state)
+
+    accuracies = [row["val_accuracy"] for row in state.history]
+    assert accuracies[1] > 0.9 and accuracies[-1] < 0.6, accuracies  # the scenario: learnt, then collapsed
+    chosen = restore_best(state.info, {"student": student})
+    final = trainer.validate(student)["val_accuracy"]
+    if select == "best_val":
+        assert chosen["student"]["epoch"] in (1, 2)  # both validate at 100%: the lower val_loss wins the tie
+        assert chosen["student"]["val_accuracy"] == max(accuracies)
+        assert final == max(accuracies)
+    else:
+        assert chosen == {} and final == accuracies[-1]
+
+
+def test_best_epoch_travels_with_the_checkpoint(tmp_path) -> None:
+    train, val = _separable(96, 0), _separable(48, 1)
+    checkpointer = Checkpointer(tmp_path)
+    trainer = Trainer(runtime=CPU, optim=OptimSpec(lr=1e-2), train=train, val=val, preprocess=_Scale(),
+                      batch_size=16, eval_batch_size=64, seed=0, callbacks=Callbacks(), checkpointer=checkpointer,
+                      tracker=ProgressTracker(total_steps=100), select="best_val")
+    student = build_model("mlp", {"hidden": [8]}, (1, 8, 8), 3)
+    state = RunState()
+    trainer.fit(Stage("baseline", "baseline", 2, 1e-2, 3), student, cross_entropy_loss, state)
+    loaded = checkpointer.load()
+    assert loaded is not None
+    best = loaded.info["best_epochs"]["baseline"]
+    assert best["epoch"] in (1, 2) and set(best["weights"]) == set(student.state_dict())
