@@ -12,7 +12,6 @@ from sqlalchemy import Connection, Row, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kdcore.architectures import MLPArgs
 from kdcore.archive import ArchiveLimits
 from kdcore.errors import KDError
 from kdcore.limits import (
@@ -20,8 +19,8 @@ from kdcore.limits import (
     check_dataset_bytes,
     check_parameters,
     dataset_bytes,
-    mlp_parameters,
     model_input_shape,
+    student_parameters,
 )
 from kdcore.spec import JobSpec
 from service import keys, state, tuning
@@ -211,9 +210,12 @@ def check_resources(*, settings: Settings, spec: JobSpec, teacher: File, dataset
             check_dataset_bytes(dataset_bytes(dataset.info, spec.data.image_size), limits, field=f"data.{role}")
         num_classes = int(teacher.info.get("output_size") or train.get("num_classes") or 2)
         input_shape = model_input_shape(train, spec.data.image_size)
-        if spec.student.arch == "mlp" and input_shape:
-            hidden = MLPArgs.model_validate(spec.student.arch_args).hidden
-            check_parameters(mlp_parameters(input_shape, num_classes, hidden), limits)
+        # The architectures with a torch-free formula are counted here; the rest (torchvision,
+        # hf, text_bilstm) on the meta device in the worker's check stage, within seconds.
+        parameters = student_parameters(spec.student.arch or "mlp", spec.student.arch_args, input_shape,
+                                        num_classes) if input_shape else None
+        if parameters is not None:
+            check_parameters(parameters, limits)
     except KDError as exc:
         raise ServiceError(422, exc.code, exc.message, field=exc.field) from None
 

@@ -20,7 +20,7 @@ from kdcore.budget import check_student_budget
 from kdcore.data import load_data
 from kdcore.data_sniff import sniff_dataset
 from kdcore.errors import BadInputError
-from kdcore.limits import ResourceLimitError, ResourceLimits, dataset_bytes, mlp_parameters
+from kdcore.limits import ResourceLimitError, ResourceLimits, dataset_bytes, mlp_parameters, student_parameters
 from kdcore.spec import DataSpec
 from kdcore.teacher import _load_onnx
 from kdcore.teacher_sniff import sniff_teacher
@@ -115,6 +115,29 @@ def test_mlp_parameter_formula_matches_torch() -> None:
 
     model = build_model("mlp", {"hidden": [30, 20]}, (1, 6, 6), 10)
     assert mlp_parameters((1, 6, 6), 10, [30, 20]) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("arch", "args", "input_shape"),
+    [
+        ("cnn", {}, (1, 28, 28)),
+        ("cnn", {"widths": [8, 16, 32], "kernel_size": 5, "hidden": 0, "batchnorm": False}, (3, 32, 32)),
+        ("cnn", {"widths": [4, 4, 4, 4, 4], "pool_size": 3, "hidden": 7}, (2, 6, 10)),
+        ("resnet_small", {}, (3, 32, 32)),
+        ("resnet_small", {"depth": 8, "width": 4}, (1, 8, 8)),
+    ],
+)
+def test_cnn_and_resnet_parameter_formulas_match_torch(arch: str, args: dict, input_shape: tuple) -> None:
+    # The API refuses giant students with these formulas (no torch there): they must count what torch builds.
+    from kdcore.models import build_model
+
+    model = build_model(arch, args, input_shape, 10)
+    assert student_parameters(arch, args, input_shape, 10) == sum(p.numel() for p in model.parameters())
+
+
+def test_architectures_without_a_formula_are_left_to_the_meta_device_count() -> None:
+    assert student_parameters("resnet18", {}, (3, 32, 32), 10) is None
+    assert student_parameters("cnn", {}, (64,), 10) is None  # the worker names the shape mismatch
 
 
 def _fake_eocd(path: Path, entries: int, cd_size: int) -> Path:
