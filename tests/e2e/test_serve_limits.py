@@ -68,9 +68,14 @@ def test_sigkilled_serve_leaves_no_process_behind(tmp_path: Path, long_job_files
 
         os.kill(serve.pid, signal.SIGKILL)  # no handler runs: only the children's parent-death signal tells them
         serve.wait(timeout=10)
-        wait_until(lambda: not _processes_of(stack.root), timeout=20,
-                   what="every process of the SIGKILLed serve to exit",
-                   on_timeout=lambda: "\n".join(_cmdline(pid) for pid in _processes_of(stack.root)))
+        try:
+            wait_until(lambda: not _processes_of(stack.root), timeout=20,
+                       what="every process of the SIGKILLed serve to exit",
+                       on_timeout=lambda: "\n".join(_cmdline(pid) for pid in _processes_of(stack.root)))
+        finally:
+            for pid in _processes_of(stack.root):  # orphans (each in its own session) if the test failed
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_a_stopping_worker_takes_no_new_job(tmp_path: Path, long_job_files: JobFiles) -> None:
