@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kdcore.architectures import CNNArgs, MLPArgs, ResNetSmallArgs
+from kdcore.architectures import CNNArgs, HFArgs, MLPArgs, ResNetSmallArgs
 from kdcore.archive import DEFAULT_LIMITS, ArchiveLimits
 from kdcore.errors import KDError
 
@@ -144,6 +144,20 @@ def student_parameters(arch: str, arch_args: Mapping[str, Any], input_shape: Seq
     if arch == "resnet_small":
         return resnet_small_parameters(input_shape, num_classes, ResNetSmallArgs.model_validate(arch_args))
     return None
+
+
+def hf_student_parameters_floor(hf: Mapping[str, Any], arch_args: Mapping[str, Any]) -> int | None:
+    """A count an hf student cannot be under, from the teacher's sniffed config and the overrides: the
+    query and output projections of attention (hidden_size² each, in every layer of every family). The
+    rest (embeddings, keys and values under grouped attention, the feed-forward) varies by family, so it
+    is left to the worker's exact count; a floor never refuses a student that would fit. None where the
+    config does not tell (or ALBERT, whose layers share one set of weights)."""
+    args = HFArgs.model_validate(arch_args)
+    hidden = args.hidden_size or hf.get("hidden_size")
+    layers = args.num_hidden_layers or hf.get("num_layers")
+    if not hidden or not layers or hf.get("model_type") == "albert":
+        return None
+    return int(layers) * 2 * int(hidden) ** 2
 
 
 def _nearest_divisor(size: int, target: int) -> int:

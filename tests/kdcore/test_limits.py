@@ -20,7 +20,14 @@ from kdcore.budget import check_student_budget
 from kdcore.data import load_data
 from kdcore.data_sniff import sniff_dataset
 from kdcore.errors import BadInputError
-from kdcore.limits import ResourceLimitError, ResourceLimits, dataset_bytes, mlp_parameters, student_parameters
+from kdcore.limits import (
+    ResourceLimitError,
+    ResourceLimits,
+    dataset_bytes,
+    hf_student_parameters_floor,
+    mlp_parameters,
+    student_parameters,
+)
 from kdcore.spec import DataSpec
 from kdcore.teacher import _load_onnx
 from kdcore.teacher_sniff import sniff_teacher
@@ -223,3 +230,16 @@ def test_onnx_graph_asking_for_16_gib_fails_against_the_arena_limit(tmp_path: Pa
     with pytest.raises(ResourceLimitError, match=r"arena limit.*DISTILLERY_ONNX_ARENA_BYTES") as caught:
         teacher(torch.ones(2, 4))
     assert caught.value.code == "resource_limit"
+
+
+def test_hf_floor_is_under_the_real_count_and_refuses_giants() -> None:
+    # A BERT of 2 layers x 32: the floor (attention's query and output projections) is under what transformers builds.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64))
+    hf = {"model_type": "bert", "hidden_size": 32, "num_layers": 2, "vocab_size": 100}
+    floor = hf_student_parameters_floor(hf, {})
+    assert floor is not None and 0 < floor < sum(p.numel() for p in model.parameters())
+    assert hf_student_parameters_floor(hf, {"num_hidden_layers": 128, "hidden_size": 16384}) == 128 * 2 * 16384**2
+    assert hf_student_parameters_floor({**hf, "model_type": "albert"}, {}) is None  # shared layers: no floor
