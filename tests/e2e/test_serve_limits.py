@@ -47,9 +47,15 @@ def _job_row(stack: Stack, job_id: str) -> tuple[JobState, int]:
         engine.dispose()
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _worker_pid(stack: Stack) -> int:
-    """The worker that serve started (`python -m worker.cli`), not its reaper or pool children."""
-    workers = [pid for pid in descendants(stack.processes["serve"].pid) if "worker.cli" in _cmdline(pid)]
+    """The worker that serve started (`python -m worker.cli`), not its reaper or its pool children
+    (forked, so with the same command line): the one whose parent is serve."""
+    serve = stack.processes["serve"].pid
+    workers = [pid for pid in descendants(serve) if "worker.cli" in _cmdline(pid) and _parent(pid) == serve]
     assert len(workers) == 1, workers
     return workers[0]
 
