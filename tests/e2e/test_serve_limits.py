@@ -106,7 +106,7 @@ def test_a_stopping_worker_takes_no_new_job(tmp_path: Path, long_job_files: JobF
         # again, and the broker keeps its message for the next start.
         assert (state, attempts) == (JobState.RUNNING, 0), stack.log_tails()
         log = stack.log("serve")
-        assert "did not stop within 1 s" in log, stack.log_tails()  # the grace period ran out mid-step
+        assert "did not stop within 1 s" in log, stack.log_tails()  # the grace period ran out before a step ended
         assert log.count(f"running job {job_id} ") == 1, stack.log_tails()
 
         stack.start_serve()  # the next start takes it, as its first attempt again
