@@ -224,6 +224,28 @@ def evenly_spaced(teacher_layers: int, student_layers: int) -> list[int]:
     return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
 
 
+def student_parameters_on_meta(folder: HfFolder, arch: str | None, arch_args: dict[str, Any], *,
+                               num_classes: int) -> int:
+    """The parameters of the student a text job would build, counted on the meta device (nothing
+    allocated): the hf student from the teacher's config and its overrides, or the BiLSTM over the
+    teacher's embeddings. A 100-billion-parameter config costs milliseconds here, not the worker's memory."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        if arch == "text_bilstm":
+            vocab, width = folder.info.vocab_size or 1, folder.info.hidden_size or 1
+            model: nn.Module = TextBiLSTM(torch.empty(vocab, width), TextBiLSTMArgs.model_validate(arch_args),
+                                          num_classes, pad_id=0)
+        else:
+            config = copy.deepcopy(load_config(folder, field="teacher.file"))
+            for key, value in HFArgs.model_validate(arch_args).model_dump(exclude_none=True).items():
+                setattr(config, key, value)
+            config.num_labels = num_classes
+            with _quiet_transformers():
+                model = AutoModelForSequenceClassification.from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
 def build_hf_student(teacher: TextClassifier, args: HFArgs, *, seed: int, init_from_teacher: bool,
                      teacher_layers: list[int] | None) -> StudentPlan:
     from transformers import AutoModelForSequenceClassification

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdcore.architectures import CNNArgs, HFArgs, MLPArgs, ResNetSmallArgs
 from kdcore.archive import DEFAULT_LIMITS, ArchiveLimits
 from kdcore.errors import KDError
 
@@ -98,6 +99,71 @@ def mlp_parameters(input_shape: Sequence[int], num_classes: int, hidden: Sequenc
     """Parameters of the registry's MLP (weights and biases; a bound good enough to refuse giants early)."""
     widths = [math.prod(input_shape), *hidden, num_classes]
     return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+def cnn_parameters(input_shape: Sequence[int], num_classes: int, args: CNNArgs) -> int:
+    """Parameters of the registry's CNN (`kdcore.models.build_cnn`, layer for layer), without torch."""
+    channels, height, width = (int(size) for size in input_shape)
+    total = 0
+    for conv_width in args.widths:
+        total += conv_width * channels * args.kernel_size**2 + conv_width  # weights, then bias or BN's shift
+        total += conv_width if args.batchnorm else 0  # BN's scale
+        if min(height, width) >= 4:
+            height, width = height // 2, width // 2
+        channels = conv_width
+    features = channels * _nearest_divisor(height, args.pool_size) * _nearest_divisor(width, args.pool_size)
+    if args.hidden:
+        return total + features * args.hidden + args.hidden + args.hidden * num_classes + num_classes
+    return total + features * num_classes + num_classes
+
+
+def resnet_small_parameters(input_shape: Sequence[int], num_classes: int, args: ResNetSmallArgs) -> int:
+    """Parameters of the registry's CIFAR ResNet (`kdcore.models.ResNetSmall`), without torch."""
+    blocks = (args.depth - 2) // 6
+    channels = args.width
+    total = 9 * int(input_shape[0]) * args.width + 2 * args.width  # the stem's conv and BN
+    for stage, stage_width in enumerate((args.width, 2 * args.width, 4 * args.width)):
+        for block in range(blocks):
+            total += 9 * channels * stage_width + 9 * stage_width**2 + 4 * stage_width  # two convs, two BNs
+            if (stage > 0 and block == 0) or channels != stage_width:
+                total += channels * stage_width + 2 * stage_width  # the 1x1 shortcut and its BN
+            channels = stage_width
+    return total + channels * num_classes + num_classes
+
+
+def student_parameters(arch: str, arch_args: Mapping[str, Any], input_shape: Sequence[int],
+                       num_classes: int) -> int | None:
+    """The student's parameter count where a formula gives it without torch, else None (the worker's
+    check stage counts it on the meta device)."""
+    if arch == "mlp":
+        return mlp_parameters(input_shape, num_classes, MLPArgs.model_validate(arch_args).hidden)
+    if len(input_shape) != 3:
+        return None  # an image architecture on feature vectors: the worker names that mismatch
+    if arch == "cnn":
+        return cnn_parameters(input_shape, num_classes, CNNArgs.model_validate(arch_args))
+    if arch == "resnet_small":
+        return resnet_small_parameters(input_shape, num_classes, ResNetSmallArgs.model_validate(arch_args))
+    return None
+
+
+def hf_student_parameters_floor(hf: Mapping[str, Any], arch_args: Mapping[str, Any]) -> int | None:
+    """A count an hf student cannot be under, from the teacher's sniffed config and the overrides: the
+    query and output projections of attention (hidden_size² each, in every layer of every family). The
+    rest (embeddings, keys and values under grouped attention, the feed-forward) varies by family, so it
+    is left to the worker's exact count; a floor never refuses a student that would fit. None where the
+    config does not tell (or ALBERT, whose layers share one set of weights)."""
+    args = HFArgs.model_validate(arch_args)
+    hidden = args.hidden_size or hf.get("hidden_size")
+    layers = args.num_hidden_layers or hf.get("num_layers")
+    if not hidden or not layers or hf.get("model_type") == "albert":
+        return None
+    return int(layers) * 2 * int(hidden) ** 2
+
+
+def _nearest_divisor(size: int, target: int) -> int:
+    # The same choice as kdcore.models._nearest_divisor (the pooled grid divides the feature map).
+    divisors = [d for d in range(1, size + 1) if size % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), -d))
 
 
 def check_parameters(parameters: int, limits: ResourceLimits, *, field: str = "student.arch_args") -> None:

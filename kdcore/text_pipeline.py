@@ -41,8 +41,10 @@ from kdcore.hf_models import (
     load_pretrained_student,
     load_teacher_classifier,
     load_tokenizer,
+    student_parameters_on_meta,
     unpack_hf_zip,
 )
+from kdcore.limits import check_parameters
 from kdcore.losses import LossFn, build_distill_loss, cross_entropy_loss, kd_hidden_loss
 from kdcore.pipeline import (
     JobInputs,
@@ -89,6 +91,10 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     tokenizer = load_tokenizer(folder, field="teacher.file")
     data = load_text_data(spec.data, train_path=inputs.train, test_path=inputs.test, tokenizer=tokenizer,
                           seed=spec.seed, teacher_labels=folder.info.labels)
+    if spec.student.file is None:
+        # Before the teacher or the student take memory: a giant config fails here in seconds.
+        check_parameters(student_parameters_on_meta(folder, spec.student.arch, spec.student.arch_args,
+                                                    num_classes=data.num_classes), options.limits)
     if not folder.info.has_classifier and spec.stages.teacher_finetune_epochs == 0:
         raise KDError("the teacher is a base model without a classification head; set "
                       "stages.teacher_finetune_epochs (2-3 is usual) so it learns one on this data first",

@@ -12,7 +12,6 @@ from sqlalchemy import Connection, Row, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kdcore.architectures import MLPArgs
 from kdcore.archive import ArchiveLimits
 from kdcore.errors import KDError
 from kdcore.limits import (
@@ -20,8 +19,9 @@ from kdcore.limits import (
     check_dataset_bytes,
     check_parameters,
     dataset_bytes,
-    mlp_parameters,
+    hf_student_parameters_floor,
     model_input_shape,
+    student_parameters,
 )
 from kdcore.spec import JobSpec
 from service import keys, state, tuning
@@ -211,11 +211,24 @@ def check_resources(*, settings: Settings, spec: JobSpec, teacher: File, dataset
             check_dataset_bytes(dataset_bytes(dataset.info, spec.data.image_size), limits, field=f"data.{role}")
         num_classes = int(teacher.info.get("output_size") or train.get("num_classes") or 2)
         input_shape = model_input_shape(train, spec.data.image_size)
-        if spec.student.arch == "mlp" and input_shape:
-            hidden = MLPArgs.model_validate(spec.student.arch_args).hidden
-            check_parameters(mlp_parameters(input_shape, num_classes, hidden), limits)
+        parameters = _student_parameters(spec, teacher, input_shape, num_classes)
+        if parameters is not None:
+            check_parameters(parameters, limits)
     except KDError as exc:
         raise ServiceError(422, exc.code, exc.message, field=exc.field) from None
+
+
+def _student_parameters(spec: JobSpec, teacher: File, input_shape: list[int], num_classes: int) -> int | None:
+    """The student's size where a torch-free formula tells it (mlp, cnn, resnet_small exactly; hf as a
+    floor); None for the rest (torchvision, text_bilstm, pretrained students), which the worker counts
+    on the meta device at its check stage, within seconds."""
+    if spec.student.file is not None:
+        return None
+    if spec.student.arch == "hf":
+        return hf_student_parameters_floor(teacher.info.get("hf") or {}, spec.student.arch_args)
+    if not input_shape:
+        return None
+    return student_parameters(spec.student.arch or "mlp", spec.student.arch_args, input_shape, num_classes)
 
 
 def _check_concurrency(*, session: Session, settings: Settings, owner_id: str, needed: int = 1) -> None:

@@ -45,9 +45,13 @@ def sweep_scratch(
         except OSError:
             continue
         with session_factory() as session:
-            running = session.scalar(select(Job.state).where(Job.id == job_id)) == JobState.RUNNING
-        if running:
+            job_state = session.scalar(select(Job.state).where(Job.id == job_id))
+        if job_state == JobState.RUNNING:
             continue  # perhaps on this host in another worker; its attempt removes it
+        if job_state is None:
+            # Not this database's job: another service (or test run) shares the temporary folder,
+            # and its jobs may well be running.
+            continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     if removed:

@@ -148,10 +148,16 @@ def _inputs(session: Session, storage: Storage, alice: Account, **info: Any) -> 
     return teacher, train
 
 
-def test_giant_mlp_student_is_refused_at_submission(client: TestClient, session: Session, storage: Storage,
-                                                    alice: Account) -> None:
+@pytest.mark.parametrize(
+    "student",
+    [{"arch": "mlp", "arch_args": {"hidden": [65536, 65536]}},  # 4e9 parameters
+     {"arch": "cnn", "arch_args": {"widths": [4096] * 200}},  # 3e10
+     {"arch": "resnet_small", "arch_args": {"depth": 56, "width": 256}}],  # 2.2e8
+)
+def test_giant_student_is_refused_at_submission(client: TestClient, session: Session, storage: Storage,
+                                                alice: Account, student: dict[str, Any]) -> None:
     teacher, train = _inputs(session, storage, alice)
-    spec = factories.spec_for(teacher, train, student={"arch": "mlp", "arch_args": {"hidden": [65536, 65536]}})
+    spec = factories.spec_for(teacher, train, student=student)
     response = client.post("/v1/jobs", headers=alice.headers, json=spec)
     assert response.status_code == 422
     error = response.json()["error"]

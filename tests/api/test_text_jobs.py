@@ -122,3 +122,22 @@ def test_architectures_list_the_text_students(client: TestClient, alice: Account
     assert entries["hf"]["task"] == "text_classification" and "num_hidden_layers" in entries["hf"]["defaults"]
     assert entries["text_bilstm"]["task"] == "text_classification"
     assert entries["mlp"]["task"] == "image_classification"
+
+
+def test_giant_hf_student_is_refused_at_submission(client: TestClient, alice: Account,
+                                                   text_files: dict[str, Path]) -> None:
+    # 128 layers of width 16384: at least 2 x 16384² parameters a layer in attention alone (about 7e10),
+    # known from the teacher's sniffed config without building anything.
+    teacher = _upload(client, alice, text_files["classifier"], "teacher")
+    train = _upload(client, alice, text_files["train"], "dataset")
+    giant = {"num_hidden_layers": 128, "hidden_size": 16384, "num_attention_heads": 256}
+    response = _submit(client, alice, {"teacher": {"file": teacher["id"]}, "data": {"train": train["id"]},
+                                       "student": {"arch_args": giant}})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("resource_limit", "student.arch_args")
+    assert "200,000,000" in error["message"] and "DISTILLERY_MAX_MODEL_PARAMETERS" in error["message"]
+    # A student of the teacher's own size is not refused by the floor.
+    small = _submit(client, alice, {"teacher": {"file": teacher["id"]}, "data": {"train": train["id"]},
+                                    "student": {"arch_args": {"num_hidden_layers": 1}}})
+    assert small.status_code == 201, small.text

@@ -20,7 +20,14 @@ from kdcore.budget import check_student_budget
 from kdcore.data import load_data
 from kdcore.data_sniff import sniff_dataset
 from kdcore.errors import BadInputError
-from kdcore.limits import ResourceLimitError, ResourceLimits, dataset_bytes, mlp_parameters
+from kdcore.limits import (
+    ResourceLimitError,
+    ResourceLimits,
+    dataset_bytes,
+    hf_student_parameters_floor,
+    mlp_parameters,
+    student_parameters,
+)
 from kdcore.spec import DataSpec
 from kdcore.teacher import _load_onnx
 from kdcore.teacher_sniff import sniff_teacher
@@ -117,6 +124,29 @@ def test_mlp_parameter_formula_matches_torch() -> None:
     assert mlp_parameters((1, 6, 6), 10, [30, 20]) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    ("arch", "args", "input_shape"),
+    [
+        ("cnn", {}, (1, 28, 28)),
+        ("cnn", {"widths": [8, 16, 32], "kernel_size": 5, "hidden": 0, "batchnorm": False}, (3, 32, 32)),
+        ("cnn", {"widths": [4, 4, 4, 4, 4], "pool_size": 3, "hidden": 7}, (2, 6, 10)),
+        ("resnet_small", {}, (3, 32, 32)),
+        ("resnet_small", {"depth": 8, "width": 4}, (1, 8, 8)),
+    ],
+)
+def test_cnn_and_resnet_parameter_formulas_match_torch(arch: str, args: dict, input_shape: tuple) -> None:
+    # The API refuses giant students with these formulas (no torch there): they must count what torch builds.
+    from kdcore.models import build_model
+
+    model = build_model(arch, args, input_shape, 10)
+    assert student_parameters(arch, args, input_shape, 10) == sum(p.numel() for p in model.parameters())
+
+
+def test_architectures_without_a_formula_are_left_to_the_meta_device_count() -> None:
+    assert student_parameters("resnet18", {}, (3, 32, 32), 10) is None
+    assert student_parameters("cnn", {}, (64,), 10) is None  # the worker names the shape mismatch
+
+
 def _fake_eocd(path: Path, entries: int, cd_size: int) -> Path:
     """A small real zip whose end record claims `entries` members and a `cd_size` directory."""
     _zip(path, {"a.txt": b"x"})
@@ -200,3 +230,16 @@ def test_onnx_graph_asking_for_16_gib_fails_against_the_arena_limit(tmp_path: Pa
     with pytest.raises(ResourceLimitError, match=r"arena limit.*DISTILLERY_ONNX_ARENA_BYTES") as caught:
         teacher(torch.ones(2, 4))
     assert caught.value.code == "resource_limit"
+
+
+def test_hf_floor_is_under_the_real_count_and_refuses_giants() -> None:
+    # A BERT of 2 layers x 32: the floor (attention's query and output projections) is under what transformers builds.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64))
+    hf = {"model_type": "bert", "hidden_size": 32, "num_layers": 2, "vocab_size": 100}
+    floor = hf_student_parameters_floor(hf, {})
+    assert floor is not None and 0 < floor < sum(p.numel() for p in model.parameters())
+    assert hf_student_parameters_floor(hf, {"num_hidden_layers": 128, "hidden_size": 16384}) == 128 * 2 * 16384**2
+    assert hf_student_parameters_floor({**hf, "model_type": "albert"}, {}) is None  # shared layers: no floor

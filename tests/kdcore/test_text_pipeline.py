@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.errors import CancelledError, KDError, SpecError
+from kdcore.limits import ResourceLimitError
 from kdcore.pipeline import JobInputs, RunOptions, RunResult, run_job
 from kdcore.spec import JobSpec, for_task, parse_spec
 from tests.text_models import make_bert_zip, sentences, write_jsonl
@@ -436,3 +438,48 @@ def test_an_hf_teacher_resolves_to_a_text_job_and_an_image_task_is_refused(workd
     with pytest.raises(KDError) as caught:
         resolve_task(parse_spec(_raw(task="image_classification")), info)
     assert caught.value.field == "task"
+
+
+@pytest.mark.parametrize(
+    "student",
+    [{"arch": "hf", "arch_args": {"num_hidden_layers": 128, "hidden_size": 16384, "num_attention_heads": 256,
+                                  "intermediate_size": 65536}},  # about 4e11 parameters
+     {"arch": "text_bilstm", "arch_args": {"hidden": 8192, "layers": 8}}],  # about 1.3e10
+)
+def test_giant_text_students_are_refused_at_the_check_stage_in_seconds(workdir: Path, tmp_path: Path,
+                                                                        student: dict[str, Any]) -> None:
+    # Counted on the meta device before the teacher loads: neither model is ever allocated.
+    recorder = Recorder()
+    started = time.monotonic()
+    with pytest.raises(ResourceLimitError, match=r"parameter count is [\d,]+, more than the limit of 200,000,000 "
+                       r"\(max_model_parameters, set by DISTILLERY_MAX_MODEL_PARAMETERS\)") as caught:
+        _run(_spec(workdir, "classifier", student=student), tmp_path, recorder)
+    assert caught.value.field == "student.arch_args"
+    assert time.monotonic() - started < 10
+    assert recorder.stages == ["check"] and recorder.cancel_checks == 0  # nothing trained
+
+
+@pytest.mark.parametrize("student", [{"arch": "hf", "arch_args": {"num_hidden_layers": 1, "hidden_size": 16,
+                                                                  "num_attention_heads": 2}},
+                                     {"arch": "text_bilstm", "arch_args": {"hidden": 8}}])
+def test_meta_device_count_of_a_text_student_matches_the_built_one(workdir: Path, tmp_path: Path,
+                                                                    student: dict[str, Any]) -> None:
+    from kdcore.architectures import HFArgs, TextBiLSTMArgs
+    from kdcore.hf_models import (
+        build_hf_student,
+        build_text_bilstm,
+        load_teacher_classifier,
+        student_parameters_on_meta,
+        unpack_hf_zip,
+    )
+
+    folder = unpack_hf_zip(workdir / "classifier.zip", tmp_path / "unpacked", field="teacher.file")
+    teacher = load_teacher_classifier(folder, ["negative", "positive"])
+    if student["arch"] == "hf":
+        plan = build_hf_student(teacher, HFArgs.model_validate(student["arch_args"]), seed=0, init_from_teacher=False,
+                                teacher_layers=None)
+    else:
+        plan = build_text_bilstm(teacher, TextBiLSTMArgs.model_validate(student["arch_args"]), num_classes=2,
+                                 pad_id=0, seed=0)
+    counted = student_parameters_on_meta(folder, student["arch"], student["arch_args"], num_classes=2)
+    assert counted == sum(p.numel() for p in plan.model.parameters())

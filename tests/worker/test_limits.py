@@ -97,6 +97,17 @@ def test_sweep_removes_scratch_of_jobs_no_longer_running(pg_service: Service, tm
     assert pg_service.job(queued).state == JobState.RUNNING
 
 
+def test_sweep_keeps_scratch_of_jobs_this_database_does_not_know(pg_service: Service, tmp_path: Path) -> None:
+    # Workers of other services (another deployment, a parallel test run) share /tmp: a job id this
+    # database has never seen may be running there, so its folder stays.
+    settings = pg_service.settings.model_copy(update={"work_dir": tmp_path / "scratch"})
+    folder = settings.work_dir / f"{attempt_prefix('job_01notthisdatabase0000000000')}abcd1234"  # type: ignore[operator]
+    (folder / "inputs").mkdir(parents=True)
+    os.utime(folder, (time.time() - 600, time.time() - 600))
+    assert sweep_scratch(settings, pg_service.session_factory) == []
+    assert folder.exists()
+
+
 def test_error_messages_name_the_users_file_not_the_scratch_path(pg_service: Service, tmp_path: Path) -> None:
     job_run = _job_run(pg_service)
     job_run.input_keys = {"teacher": ("key", "my-teacher.onnx")}

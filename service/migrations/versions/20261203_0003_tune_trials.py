@@ -1,7 +1,7 @@
 """tuned jobs: parent_id, trial and tune on job
 
 Revision ID: 0002_tune
-Revises: 0001
+Revises: 0002_limits
 Create Date: 2026-12-03 18:40:00
 """
 
