@@ -183,7 +183,7 @@ def test_submit_watch_compare_and_download(desktop: tuple[BrowserContext, Consol
 
     page.locator("#spec-view summary").click()
     expect(page.locator("#spec-yaml")).to_contain_text("distill_epochs: 8")
-    expect(page.locator("#spec-yaml")).to_contain_text("baseline: true")
+    expect(page.locator("#spec-yaml")).not_to_contain_text("baseline: false")  # on by default: not repeated
     expect(page.locator("#spec-curl")).to_contain_text(f"curl -X POST {service.base_url}/v1/jobs")
     shoot(page, screenshots, "new-job-filled-desktop")
 
