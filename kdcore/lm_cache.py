@@ -113,9 +113,14 @@ class TeacherTopKCache:
             raise BadInputError(f"the teacher cache {path.name} is unreadable: {exc}", code="bad_cache") from exc
         if metadata.get("version") != str(CACHE_VERSION):
             raise BadInputError(f"the teacher cache {path.name} is of another version", code="bad_cache")
-        return cls(TopK(tensors["log_probs"], tensors["ids"], tensors["tail"]), tensors["offsets"],
-                   json.loads(metadata.get("teacher_eval", "{}")), tensors.get("test_predictions"),
-                   int(metadata.get("forward_tokens", "0")))
+        try:
+            teacher_eval = json.loads(metadata.get("teacher_eval", "{}"))
+            if teacher_eval and not (isinstance(teacher_eval, dict) and {"metrics", "samples"} <= teacher_eval.keys()):
+                raise ValueError("its teacher evaluation lacks metrics or samples")
+            return cls(TopK(tensors["log_probs"], tensors["ids"], tensors["tail"]), tensors["offsets"],
+                       teacher_eval, tensors.get("test_predictions"), int(metadata.get("forward_tokens", "0")))
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise BadInputError(f"the teacher cache {path.name} is malformed: {exc}", code="bad_cache") from exc
 
 
 @torch.no_grad()
