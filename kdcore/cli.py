@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -74,6 +75,7 @@ def distill_command(
         "and data trains without running it.")] = None,
 ) -> None:
     """Distill a teacher into a student on this machine and write the artifacts to --out."""
+    from kdcore.distributed import in_launched_rank, launch_command
     from kdcore.pipeline import JobInputs, RunOptions, run_job
 
     try:
@@ -84,6 +86,14 @@ def distill_command(
                             ("data.test", inputs.test)):
             if path is not None and not path.is_file():
                 raise KDError(f"no such file: {path}", field=field, code="bad_input")
+        if spec.distributed.nproc > 1 and not in_launched_rank():
+            argv = ["distill", str(spec_path.resolve()), "--out", str(out.resolve()),
+                    "--resume" if resume else "--no-resume", "--progress" if progress else "--no-progress",
+                    *(["--allow-code-teachers"] if allow_code_teachers else []),
+                    *(["--lm-cache-dir", str(lm_cache_dir.resolve())] if lm_cache_dir else [])]
+            # The elastic agent runs the ranks, restarts the group when one dies, and exits non-zero
+            # when the group fails for good; rank 0 prints the summary.
+            raise typer.Exit(subprocess.run(launch_command(spec.distributed, argv), check=False).returncode)
         bar = ProgressBar(enabled=progress and sys.stderr.isatty(), epoch_lines=progress)
         try:
             result = run_job(spec, inputs, RunOptions(out_dir=out, resume=resume, lm_cache_dir=lm_cache_dir,
@@ -97,6 +107,8 @@ def distill_command(
     except KDError as exc:
         typer.echo(f"error [{exc.code}]: {exc}", err=True)
         raise typer.Exit(1) from None
+    except typer.Exit:
+        raise
     except Exception as exc:
         if os.environ.get("DISTILLERY_DEBUG"):
             raise
@@ -104,6 +116,8 @@ def distill_command(
                    err=True)
         raise typer.Exit(1) from None
     metrics = result.metrics
+    if not metrics:  # a rank other than 0 of a distributed job: rank 0 speaks for the group
+        return
     for warning in metrics.get("warnings", []):
         typer.echo(f"warning: {warning}", err=True)
     # A language model is summed up by its loss in nats per token; a classifier by its accuracy.

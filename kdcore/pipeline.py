@@ -24,6 +24,7 @@ from kdcore.budget import check_student_budget
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.data import DataBundle, Preprocess, check_labels_fit, load_data
+from kdcore.distributed import Group, join, leave, rank_device
 from kdcore.errors import KDError
 from kdcore.evaluate import (
     agreement,
@@ -42,7 +43,15 @@ from kdcore.limits import ResourceLimits
 from kdcore.losses import build_distill_loss, cross_entropy_loss
 from kdcore.mixup import build_mixup
 from kdcore.models import build_model
-from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
+from kdcore.runtime import (
+    Runtime,
+    default_threads,
+    make_runtime,
+    precision_warning,
+    restore_rng,
+    seed_everything,
+    set_threads,
+)
 from kdcore.selection import restore_best
 from kdcore.sharing import share_parameters
 from kdcore.significance import gain_over_baseline
@@ -125,6 +134,9 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     """Run one job to its artifacts; text jobs (an hf teacher) go to `kdcore.text_pipeline`."""
     callbacks = callbacks or Callbacks()
     task = resolve_task(spec, sniff_teacher(inputs.teacher))
+    if spec.distributed.nproc > 1 and task != "image_classification":
+        raise KDError(f"distributed {task} jobs are not available yet; set distributed.nproc to 1",
+                      field="distributed.nproc", code="bad_input")
     if task == "text_classification":
         from kdcore.text_pipeline import run_text_job
 
@@ -134,8 +146,12 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
 
         return run_lm_job(for_task(spec, task), inputs, options, callbacks)
     spec = for_task(spec, task)
-    set_threads(spec.threads)
-    runtime = make_runtime(spec.device, spec.precision)
+    runtime = make_runtime(rank_device(spec.device), spec.precision)
+    group = join(spec.distributed, runtime.device)
+    set_threads(_rank_threads(spec, group, runtime))
+    if not group.is_main:
+        # One voice: rank 0 reports progress and writes checkpoints, artifacts and the report.
+        callbacks = Callbacks()
     options.out_dir.mkdir(parents=True, exist_ok=True)
     if (warning := precision_warning(runtime)) is not None:
         callbacks.on_log(f"warning: {warning}")
@@ -174,9 +190,9 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
         augment=build_augment(spec.data.augment, fill=preprocess.zero_value),
         mixup=build_mixup(spec.data.mixup, data.num_classes),
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
-        seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
+        seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer if group.is_main else None,
         tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
-        select=spec.stages.select,
+        select=spec.stages.select, group=group,
     )
     trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
     trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
@@ -194,16 +210,24 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
             trainer.fit(stage, model, cross_entropy_loss, state)
             teacher.module.eval().requires_grad_(False)
         elif stage.name == "distill":
-            targets = _teacher_targets(spec, teacher, train, preprocess, runtime, callbacks, options.teacher_cache)
+            targets = _teacher_targets(spec, teacher, train, preprocess, runtime, callbacks, options.teacher_cache,
+                                       group)
             trainer.fit(stage, model, build_distill_loss(spec.method), state, teacher_targets=targets)
         else:
             trainer.fit(stage, model, cross_entropy_loss, state)
 
+    leave(group)  # training was the group's work; evaluation, exports and the report are rank 0's
+    if not group.is_main:
+        return RunResult(metrics={}, resumed_from=resumed_from)
     selected = restore_best(state.info, models) if spec.stages.select == "best_val" else {}
 
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, inputs, models, preprocess, runtime, options, state)
     metrics["selected_epochs"] = selected
+    if group.active:
+        metrics["distributed"] = {"world_size": group.world, "strategy": spec.distributed.strategy,
+                                  "global_batch": spec.batch_size, "per_rank_batch": spec.batch_size / group.world,
+                                  "backend": "nccl" if runtime.device.type == "cuda" else "gloo"}
     if teacher_check is not None:
         metrics["teacher_check"] = teacher_check
         if not teacher_check["passed"]:
@@ -215,6 +239,13 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     if not options.keep_checkpoint:
         checkpointer.clear()
     return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
+
+
+def _rank_threads(spec: JobSpec, group: Group, runtime: Runtime) -> int | None:
+    """CPU ranks split the cores between them unless the spec says otherwise: oversubscribed ranks crawl."""
+    if spec.threads is not None or not group.active or runtime.device.type != "cpu":
+        return spec.threads
+    return max(1, default_threads() // group.world)
 
 
 def _check_teacher_accuracy(spec: JobSpec, data: DataBundle, teacher: Teacher, preprocess: Preprocess,
@@ -288,7 +319,8 @@ def _build_models(spec: JobSpec, data: DataBundle, teacher: Teacher, state: RunS
 
 
 def _teacher_targets(spec: JobSpec, teacher: Teacher, train: DeviceData, preprocess: nn.Module, runtime: Runtime,
-                     callbacks: Callbacks, cache_file: Path | None = None) -> TeacherLogitsCache | LiveTeacher:
+                     callbacks: Callbacks, cache_file: Path | None = None,
+                     group: Group | None = None) -> TeacherLogitsCache | LiveTeacher:
     if augment_is_random(spec.data.augment) or spec.data.mixup > 0:
         return LiveTeacher(teacher.module, runtime)
     if cache_file is not None and cache_file.exists():
@@ -298,9 +330,16 @@ def _teacher_targets(spec: JobSpec, teacher: Teacher, train: DeviceData, preproc
             return TeacherLogitsCache(logits)
     # No random augmentation or mixup: the teacher sees the same inputs every epoch, so one pass is enough.
     announce(callbacks, "teacher_cache")
-    cache = TeacherLogitsCache.compute(teacher.module, train.x, preprocess=preprocess, runtime=runtime,
-                                       batch_size=spec.eval_batch_size)
-    if cache_file is not None:
+    group = group or Group()
+
+    def rows(start: int, end: int) -> torch.Tensor:
+        part = TeacherLogitsCache.compute(teacher.module, train.x[start:end], preprocess=preprocess, runtime=runtime,
+                                          batch_size=spec.eval_batch_size)
+        return part.logits.float()
+
+    # Each rank computes its slice of the training set once; the slices are joined on every rank.
+    cache = TeacherLogitsCache.from_logits(group.gather_rows(rows, len(train)), runtime)
+    if cache_file is not None and group.is_main:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cache.logits.cpu(), cache_file)
     return cache

@@ -277,6 +277,28 @@ class TuneRange(_Strict):
         return self
 
 
+class DistributedSpec(_Strict):
+    """One job on several processes of one node (torch.distributed): GPUs, or gloo processes on a CPU."""
+
+    nproc: int = Field(default=1, ge=1, le=64, description="Processes: one per GPU on a GPU node; on a CPU, "
+                       "gloo processes sharing its cores.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="ddp: every rank holds the whole student (any model); fsdp: hf models sharded."
+    )
+    timeout_s: float = Field(default=300.0, ge=10, le=86400, description="A collective waiting longer fails the "
+                             "job: a stuck rank is a clear error, never a hang.")
+    max_restarts: int = Field(default=1, ge=0, le=10, description="When a rank dies the group restarts from the "
+                              "last checkpoint, this many times (all within one attempt).")
+
+    @model_validator(mode="after")
+    def _strategy_available(self) -> DistributedSpec:
+        if self.strategy == "fsdp":
+            raise PydanticCustomError("distributed", "{message}", {
+                "field": "distributed.strategy",
+                "message": "fsdp is not available yet: use ddp (every rank holds the whole student)"})
+        return self
+
+
 class TuneObjective(_Strict):
     """A deployment budget: only students within it may win; the most accurate of those does."""
 
@@ -377,6 +399,9 @@ class JobSpec(_Strict):
     )
     quantize: Literal["none", "dynamic_int8"] = Field(default="none", description="Post-training quantisation.")
     tune: TuneSpec | None = Field(default=None, description="Search T, alpha, student size, ... on child jobs first.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="One job on several processes of one node (torch.distributed)."
+    )
 
     @field_validator("device")
     @classmethod
@@ -389,6 +414,15 @@ class JobSpec(_Strict):
     @classmethod
     def _export_unique(cls, export: list[str]) -> list[str]:
         return list(dict.fromkeys(export))
+
+    @model_validator(mode="after")
+    def _batch_fits_group(self) -> JobSpec:
+        # batch_size is the global batch: every rank needs a share of it.
+        if self.batch_size < self.distributed.nproc:
+            raise PydanticCustomError("distributed", "{message}", {
+                "field": "batch_size", "message": f"the global batch ({self.batch_size}) is smaller than "
+                f"distributed.nproc ({self.distributed.nproc}): every process needs at least one sample"})
+        return self
 
     @model_validator(mode="after")
     def _tune_space_fits(self) -> JobSpec:

@@ -21,6 +21,7 @@ from kdcore.batches import Augment, Batches, DeviceData, ImageBatches, steps_per
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.constraints import apply_max_norm
+from kdcore.distributed import Group
 from kdcore.errors import CancelledError, TrainingDivergedError
 from kdcore.losses import LossFn
 from kdcore.mixup import Mixup, hard_labels
@@ -114,8 +115,11 @@ class Trainer:
         progress_interval_s: float = 1.0,
         mixup: Mixup | None = None,
         select: str = "last",
+        group: Group | None = None,
     ) -> None:
         self.runtime = runtime
+        # distributed.nproc > 1: this rank trains its share of every global batch through DDP.
+        self.group = group or Group()
         self.select = select  # stages.select: best_val keeps the best validated weights in the run state
         self.optim = optim
         # Image splits may come as tensors; the preprocessing (and, for training, augmentation) wraps them.
@@ -149,9 +153,11 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if self.runtime.needs_grad_scaler else None
         self.callbacks.on_stage_start(stage.name, stage.epochs)
 
+        # DDP averages the gradients of the ranks' replicas; `model` itself is what is validated and saved.
+        trained = self.group.wrap(model, self.runtime.device)
         for epoch in range(start_epoch, stage.epochs):
             started = time.monotonic()
-            train_metrics = self._train_epoch(stage, epoch, model, loss_fn, optimizer, scheduler, scaler,
+            train_metrics = self._train_epoch(stage, epoch, model, trained, loss_fn, optimizer, scheduler, scaler,
                                               shuffle_rng, teacher_targets)
             train_time_s = time.monotonic() - started
             metrics = {**train_metrics, **self.validate(model), "lr": float(scheduler.get_last_lr()[0]),
@@ -167,6 +173,7 @@ class Trainer:
         stage: Stage,
         epoch: int,
         model: nn.Module,
+        trained: nn.Module,
         loss_fn: LossFn,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -184,15 +191,25 @@ class Trainer:
         seen = 0
         last_report = time.monotonic()
         for step in range(self.steps_per_epoch):
-            if self.callbacks.should_cancel():
+            # Every rank stops at the same step, or the others would wait in the next all-reduce.
+            if self.group.any(self.callbacks.should_cancel(), self.runtime.device):
                 raise CancelledError(f"cancelled during {stage.name} epoch {epoch + 1}")
+            # The whole global batch is prepared (augmented, mixed) on every rank, then each keeps its rows:
+            # the shuffle stream stays the same on every rank, and the same as a single-process run's.
             indices = order[step]
             inputs, labels = self.train.train_batch(indices, shuffle_rng)
+            if self.group.active:
+                rows, weight = self.group.share(len(indices))
+                indices, inputs, labels = indices[rows], _take_rows(inputs, rows), labels[rows]
+            else:
+                weight = 1.0
             targets = teacher_targets(indices, inputs) if teacher_targets is not None else None
 
             with self.runtime.autocast():
-                logits = model(inputs)
+                logits = trained(inputs)
             loss = loss_fn(logits, targets, labels)
+            if weight != 1.0:
+                loss = loss * weight
 
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -210,19 +227,25 @@ class Trainer:
             scheduler.step()
 
             # Sums stay on the device: reading them every step would sync a GPU each time.
-            loss_sum += loss.detach() * len(indices)
+            counted = len(indices) if weight else 0
+            loss_sum += loss.detach() / (weight or 1.0) * counted
             if labels is not None:
                 with torch.no_grad():
-                    ce_sum += F.cross_entropy(logits.detach().float(), labels) * len(indices)
-            correct += (logits.detach().argmax(dim=1) == hard_labels(labels)).sum()
-            seen += len(indices)
+                    ce_sum += F.cross_entropy(logits.detach().float(), labels) * counted
+            if counted:
+                correct += (logits.detach().argmax(dim=1) == hard_labels(labels)).sum()
+            seen += counted
             self.tracker.done_steps += 1
             if time.monotonic() - last_report >= self.progress_interval_s:
                 last_report = time.monotonic()
                 running = self._finite_mean(loss_sum, seen, stage, epoch)
                 self.callbacks.on_progress(self._progress(stage, epoch + 1, step + 1, {"train_loss": running}))
+        totals = self.group.sum_(torch.stack([loss_sum.float(), ce_sum.float(), correct.float(),
+                                              torch.tensor(float(seen), device=loss_sum.device)]))
+        loss_sum, ce_sum, correct_all, seen_all = totals.unbind()
+        seen = int(seen_all.item())
         return {"train_loss": self._finite_mean(loss_sum, seen, stage, epoch),
-                "train_ce": ce_sum.item() / max(1, seen), "train_accuracy": correct.item() / max(1, seen)}
+                "train_ce": ce_sum.item() / max(1, seen), "train_accuracy": correct_all.item() / max(1, seen)}
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         if self.val is None or len(self.val) == 0:
@@ -230,12 +253,15 @@ class Trainer:
         model.eval()
         loss_sum, correct = 0.0, 0
         with torch.inference_mode():
-            for inputs, labels in self.val.eval_batches(self.eval_batch_size):
+            for position, (inputs, labels) in enumerate(self.val.eval_batches(self.eval_batch_size)):
+                if not self.group.owns(position):
+                    continue
                 with self.runtime.autocast():
                     logits = model(inputs).float()
                 loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
                 correct += int((logits.argmax(dim=1) == labels).sum().item())
-        return {"val_loss": loss_sum / len(self.val), "val_accuracy": correct / len(self.val)}
+        totals = self.group.sum_(torch.tensor([loss_sum, float(correct)], dtype=torch.float64))
+        return {"val_loss": totals[0].item() / len(self.val), "val_accuracy": totals[1].item() / len(self.val)}
 
     def _clip(self, model: nn.Module) -> None:
         if self.optim.grad_clip is not None:
@@ -275,6 +301,13 @@ class Trainer:
         if state.shuffle_rng is not None:
             shuffle_rng.set_state(state.shuffle_rng)
         return state.epoch
+
+
+def _take_rows(inputs: Any, rows: slice) -> Any:
+    """The rows of a batch's model inputs: a tensor, or a mapping of tensors (token ids, attention mask)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[rows]
+    return type(inputs)({key: _take_rows(value, rows) for key, value in inputs.items()})
 
 
 def _as_batches(data: DeviceData | Batches, preprocess: nn.Module | None, augment: Augment | None,

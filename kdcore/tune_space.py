@@ -15,7 +15,7 @@ from pydantic import BaseModel
 # Paths that name the job's inputs or its bookkeeping: searching them would change what is
 # being distilled (other files, another split), not how well.
 FORBIDDEN_PREFIXES = ("teacher", "data.train", "data.test", "data.val_fraction", "tune", "name", "device",
-                      "export", "seed", "threads", "eval_batch_size", "precision")
+                      "export", "seed", "threads", "eval_batch_size", "precision", "distributed")
 # Free-form mappings: any key below them is accepted here and checked by the field's own validator.
 OPEN_MAPPINGS = ("student.arch_args",)
 

@@ -62,6 +62,7 @@ def submit_job(
     if idempotency_key is not None and (earlier := _replay(session, owner_id, idempotency_key, digest)):
         return Submission(earlier, created=False)
     check_spec_lists(spec.model_dump(mode="json"), settings.max_spec_list_length)
+    check_distributed(spec)
     inputs = _resolve_inputs(session=session, owner_id=owner_id, spec=spec)
     spec = resolve_spec(spec, inputs["teacher"])
     check_datasets(spec, inputs["teacher"], {role: inputs[role] for role in ("train", "test") if role in inputs})
@@ -349,3 +350,14 @@ def enqueue(*, session: Session, settings: Settings, job: Job) -> None:
         return
     state.mark_enqueued(session, [job.id])
     session.commit()
+
+
+def check_distributed(spec: JobSpec) -> None:
+    """A job asking for more processes than any worker runs is refused now, not left queued forever."""
+    if spec.distributed.nproc > 1:
+        raise ServiceError(
+            422, "bad_input",
+            f"distributed.nproc is {spec.distributed.nproc}, but this service's workers run one process per job "
+            "so far; run a distributed job with `distillery distill SPEC --out DIR` on the node, or set nproc to 1",
+            field="distributed.nproc",
+        )
