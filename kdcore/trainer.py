@@ -260,7 +260,8 @@ class Trainer:
                     logits = model(inputs).float()
                 loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
                 correct += int((logits.argmax(dim=1) == labels).sum().item())
-        totals = self.group.sum_(torch.tensor([loss_sum, float(correct)], dtype=torch.float64))
+        totals = self.group.sum_(torch.tensor([loss_sum, float(correct)], dtype=torch.float64,
+                                              device=self.runtime.device))
         return {"val_loss": totals[0].item() / len(self.val), "val_accuracy": totals[1].item() / len(self.val)}
 
     def _clip(self, model: nn.Module) -> None:
