@@ -58,10 +58,15 @@ def rate_limited(
     return dependency
 
 
+# A resumable upload's part (tus's media type): streams to storage under the upload's own limits.
+UPLOAD_PART_TYPE = "application/offset+octet-stream"
+
+
 class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` (413) unless they are multipart uploads, which stream to
-    storage under their own limits. A job spec is a few KB; a 14 MB one is stored, listed and parsed
-    for nothing. Counted as the body arrives, so a missing or false Content-Length does not help."""
+    """Refuse request bodies over `max_bytes` (413) unless they are uploads (multipart, or a resumable
+    upload's part), which stream to storage under their own limits. A job spec is a few KB; a 14 MB
+    one is stored, listed and parsed for nothing. Counted as the body arrives, so a missing or false
+    Content-Length does not help."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app = app
@@ -72,7 +77,8 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        if headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        content_type = headers.get("content-type", "").lower()
+        if content_type.startswith(("multipart/form-data", UPLOAD_PART_TYPE)):
             await self.app(scope, receive, send)
             return
         declared = headers.get("content-length", "")

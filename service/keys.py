@@ -43,3 +43,12 @@ def artifact_key(job_id: str, attempt: int, name: str) -> str:
 def teacher_cache_key(job_id: str) -> str:
     """A tuned job's teacher logits, computed once by the parent and read by its trials and full run."""
     return check_key(f"{job_prefix(job_id)}teacher_cache.pt")
+
+
+def upload_part_prefix(owner_id: str, upload_id: str) -> str:
+    return f"users/{owner_id}/partial/{upload_id}/"
+
+
+def upload_part_key(owner_id: str, upload_id: str, offset: int, nonce: str) -> str:
+    # The nonce keeps two racing requests for one offset from writing the same object.
+    return check_key(f"{upload_part_prefix(owner_id, upload_id)}{offset:020d}-{nonce}")

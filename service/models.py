@@ -133,6 +133,28 @@ class File(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class UploadSession(Base):
+    """A resumable upload in progress: its declared size and name, and the parts received so far.
+
+    `parts` lists `[offset, storage key, size]` in order; `received` is their total, the offset the
+    next part must start at. The session's quota is its `UploadReservation` (same id, the future file
+    id), touched by every part so an upload that keeps going never lapses and an abandoned one does.
+    """
+
+    __tablename__ = "upload_session"
+    __table_args__ = (CheckConstraint(_in("purpose", FilePurpose), name="purpose"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(BigInteger)
+    received: Mapped[int] = mapped_column(BigInteger, default=0)
+    parts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class UploadReservation(Base):
     """Quota held for an upload while it streams (its future file id); replaced by the file row, or deleted."""
 

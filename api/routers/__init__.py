@@ -17,7 +17,9 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         403: "Account disabled.",
         404: "No such resource, or it is not yours.",
         409: "Conflicts with the resource's current state.",
+        410: "Gone: the resumable upload lapsed.",
         413: "Upload too large or storage quota exceeded.",
+        415: "Wrong Content-Type for the body.",
         422: "Invalid request; `error.field` names the field.",
         429: "Per-user limit reached.",
     }
