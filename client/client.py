@@ -49,6 +49,10 @@ __all__ = ["Client"]
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 CHUNK_BYTES = 1 << 20
+# Files above this go in resumable parts (POST /v1/uploads); each part is one request of PART_BYTES.
+RESUMABLE_BYTES = 64 << 20
+PART_BYTES = 16 << 20
+UPLOAD_PART_TYPE = "application/offset+octet-stream"
 FILE_FIELDS: tuple[tuple[str, str, Purpose], ...] = (
     ("teacher", "file", "teacher"),
     ("data", "train", "dataset"),
@@ -121,15 +125,20 @@ class Client:
         *,
         name: str | None = None,
         on_bytes: BytesCallback | None = None,
+        resumable: bool | None = None,
     ) -> File:
         """Stream a teacher or dataset file to the server; its sha256 must match what the server stored.
 
         `on_bytes(n)` is called as chunks go out (for a progress bar). On a checksum mismatch the
-        upload is deleted again and ChecksumError raised.
+        upload is deleted again and ChecksumError raised. `resumable` (default: files over
+        RESUMABLE_BYTES) sends the file in parts that survive a dropped connection: after one, the
+        upload goes on from the last part the server stored, not from the start.
         """
         path = Path(path)
         if not path.is_file():
             raise errors.BadRequest(f"no such file: {path}", code="no_such_file")
+        if resumable or (resumable is None and path.stat().st_size > RESUMABLE_BYTES):
+            return self.upload_resumable(path, purpose, name=name, on_bytes=on_bytes)
 
         def build() -> httpx.Request:
             # A fresh reader per attempt: a retry starts the file (and its hash) from the top.
@@ -155,6 +164,61 @@ class Client:
             raise errors.ChecksumError(
                 f"{path.name} arrived as sha256 {uploaded.sha256} but is {local} here; upload it again",
                 request_id=response.headers.get("x-request-id"),
+            )
+        return uploaded
+
+    def upload_resumable(
+        self,
+        path: str | os.PathLike[str],
+        purpose: Purpose,
+        *,
+        name: str | None = None,
+        on_bytes: BytesCallback | None = None,
+        part_bytes: int = PART_BYTES,
+    ) -> File:
+        """Send a file in parts (`POST /v1/uploads`, then `PATCH` each part at its offset).
+
+        A part cut off by a dropped connection is not counted by the server; the upload asks it for
+        its offset and goes on from there. `retries` bounds the failures in a row without progress.
+        """
+        path = Path(path)
+        size = path.stat().st_size
+        created = self._send("POST", "/v1/uploads", retry="connect",
+                             json={"name": name or path.name, "size": size, "purpose": purpose})
+        upload_id, offset = created.json()["id"], 0
+        failures = 0
+        with path.open("rb") as handle:
+            while True:
+                handle.seek(offset)
+                part = handle.read(part_bytes)
+                try:
+                    response = self._send("PATCH", f"/v1/uploads/{upload_id}", retry="connect", content=part,
+                                          headers={"Content-Type": UPLOAD_PART_TYPE, "Upload-Offset": str(offset)})
+                except (errors.ConnectionError, errors.Conflict) as exc:
+                    failures += 1
+                    if failures > self.retries:
+                        raise
+                    if isinstance(exc, errors.ConnectionError):
+                        time.sleep(self._backoff_seconds(failures))
+                    try:
+                        offset = self._send("GET", f"/v1/uploads/{upload_id}", retry="idempotent").json()["offset"]
+                    except errors.NotFound:
+                        # The last part arrived but its answer was lost: the upload is the file now (same id).
+                        uploaded = self.get_file(upload_id)
+                        break
+                    continue
+                body = response.json()
+                if on_bytes is not None:
+                    on_bytes(body["offset"] - offset)
+                failures, offset = 0, body["offset"]
+                if body.get("file") is not None:
+                    uploaded = File.model_validate(body["file"])
+                    break
+        local = _sha256_file(path)
+        if uploaded.sha256 != local:
+            self._forget_file(uploaded.id)
+            raise errors.ChecksumError(
+                f"{path.name} arrived as sha256 {uploaded.sha256} but is {local} here; upload it again",
             )
         return uploaded
 
