@@ -21,7 +21,7 @@ from api.deps import current_user, reject_unknown_query
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware, RateLimiter
 from api.observability import Metrics, ObservabilityMiddleware
-from api.routers import architectures, artifacts, errors, files, health, jobs, uploads
+from api.routers import architectures, artifacts, errors, files, health, jobs, references, uploads
 from api.web import mount_web
 from service.db import create_db_engine, create_session_factory
 from service.migrate import alembic_config
@@ -99,7 +99,8 @@ def create_app(
 
     app.include_router(health.router)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_user)], responses=errors(401, 403))
-    for router in (files.router, uploads.router, jobs.router, artifacts.router, architectures.router):
+    routers = (references.router, files.router, uploads.router, jobs.router, artifacts.router, architectures.router)
+    for router in routers:
         v1.include_router(router)
     app.include_router(v1)
     mount_web(app)

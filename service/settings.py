@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         default_factory=dict, description='fsspec options as JSON, e.g. {"endpoint_url": "http://minio:9000"}.'
     )
 
+    reference_prefixes: list[str] = Field(
+        default_factory=list,
+        description='Where users may name files instead of uploading them, as fsspec URL prefixes (JSON), '
+        'e.g. ["s3://models/", "/mnt/models/"]; empty: nowhere. The file is copied in and checked like an upload.',
+    )
+    reference_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for reading those prefixes (JSON), e.g. S3 credentials."
+    )
     max_upload_bytes: int = Field(default=2 * GIB, ge=1, description="Largest single upload.")
     user_quota_bytes: int = Field(default=20 * GIB, ge=1, description="Stored uploads per user.")
     max_concurrent_jobs: int = Field(default=4, ge=1, description="Queued plus running jobs per user.")
