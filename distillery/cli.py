@@ -71,12 +71,14 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once; run one worker per GPU.")] = 1,
     pool: Annotated[str, typer.Option(help="prefork: a fresh child process per job; solo: in this process.")] = (
         "prefork"),
+    gpus: Annotated[int, typer.Option(min=1, max=64, help="Devices one job may use here (GPUs; processes on a "
+                                      "CPU): also take jobs of distributed.nproc up to N.")] = 1,
 ) -> None:
     """Run a worker alone (a cluster node; choose its GPU with CUDA_VISIBLE_DEVICES)."""
     _require("worker")
     from worker.cli import worker_command
 
-    worker_command(queue=queue, concurrency=concurrency, pool=pool)
+    worker_command(queue=queue, concurrency=concurrency, pool=pool, gpus=gpus)
 
 
 def _migrate_and_serve(host: str, port: int, workers: int) -> None:

@@ -80,3 +80,13 @@ class CallbackList(Callbacks):
 
     def should_cancel(self) -> bool:
         return any(callback.should_cancel() for callback in self.callbacks)
+
+
+class CancelOnly(Callbacks):
+    """Another callbacks' cancel check and nothing else: the voice of a rank that is not rank 0."""
+
+    def __init__(self, inner: Callbacks) -> None:
+        self.inner = inner
+
+    def should_cancel(self) -> bool:
+        return self.inner.should_cancel()

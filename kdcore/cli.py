@@ -73,10 +73,20 @@ def distill_command(
         "--lm-cache-dir", envvar="DISTILLERY_LM_CACHE_DIR",
         help="causal_lm with method.top_k: keep the teacher's top-K here, so a later job of the same teacher "
         "and data trains without running it.")] = None,
+    relay: Annotated[Path | None, typer.Option(hidden=True, help="A launched group's rank 0 writes its callbacks "
+                                               "here as JSON lines (the worker follows them).")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(hidden=True, help="Checkpoints here, not in --out.")] = None,
+    limits_file: Annotated[Path | None, typer.Option("--limits", hidden=True,
+                                                     help="The operator's ResourceLimits as JSON.")] = None,
+    job_id: Annotated[str | None, typer.Option(hidden=True, help="The service's job id, for the exports.")] = None,
 ) -> None:
     """Distill a teacher into a student on this machine and write the artifacts to --out."""
     from kdcore.distributed import in_launched_rank, launch_command
+    from kdcore.limits import ResourceLimits
     from kdcore.pipeline import JobInputs, RunOptions, run_job
+    from kdcore.relay import RelayWriter, SignalCancel, cancel_on_sigterm
+
+    writer: RelayWriter | None = None
 
     try:
         spec = resolve_local_paths(load_spec(spec_path), spec_path.parent)
@@ -90,21 +100,39 @@ def distill_command(
             argv = ["distill", str(spec_path.resolve()), "--out", str(out.resolve()),
                     "--resume" if resume else "--no-resume", "--progress" if progress else "--no-progress",
                     *(["--allow-code-teachers"] if allow_code_teachers else []),
-                    *(["--lm-cache-dir", str(lm_cache_dir.resolve())] if lm_cache_dir else [])]
+                    *(["--lm-cache-dir", str(lm_cache_dir.resolve())] if lm_cache_dir else []),
+                    *(["--relay", str(relay.resolve())] if relay else []),
+                    *(["--checkpoint-dir", str(checkpoint_dir.resolve())] if checkpoint_dir else []),
+                    *(["--limits", str(limits_file.resolve())] if limits_file else []),
+                    *(["--job-id", job_id] if job_id else [])]
             # The elastic agent runs the ranks, restarts the group when one dies, and exits non-zero
             # when the group fails for good; rank 0 prints the summary.
             raise typer.Exit(subprocess.run(launch_command(spec.distributed, argv), check=False).returncode)
-        bar = ProgressBar(enabled=progress and sys.stderr.isatty(), epoch_lines=progress)
+        callbacks: Callbacks
+        if relay is not None and in_launched_rank():
+            cancel_on_sigterm()
+            if os.environ.get("RANK") == "0":
+                callbacks = writer = RelayWriter(relay)
+            else:
+                callbacks = SignalCancel()
+        else:
+            callbacks = ProgressBar(enabled=progress and sys.stderr.isatty(), epoch_lines=progress)
+        limits = (ResourceLimits.model_validate_json(limits_file.read_text()) if limits_file is not None
+                  else ResourceLimits())
+        options = RunOptions(out_dir=out, checkpoint_dir=checkpoint_dir, resume=resume, lm_cache_dir=lm_cache_dir,
+                             allow_code_teachers=allow_code_teachers, limits=limits, job_id=job_id)
         try:
-            result = run_job(spec, inputs, RunOptions(out_dir=out, resume=resume, lm_cache_dir=lm_cache_dir,
-                                                      allow_code_teachers=allow_code_teachers), bar)
+            result = run_job(spec, inputs, options, callbacks)
         finally:
-            bar.close()
+            if isinstance(callbacks, ProgressBar | RelayWriter):
+                callbacks.close()
     except SpecError as exc:
         for error in exc.errors:
             typer.echo(f"error: {error['field']}: {error['message']}", err=True)
         raise typer.Exit(2) from None
     except KDError as exc:
+        if writer is not None:
+            writer.error(exc)
         typer.echo(f"error [{exc.code}]: {exc}", err=True)
         raise typer.Exit(1) from None
     except typer.Exit:

@@ -21,7 +21,7 @@ from kdcore import export as exporting
 from kdcore import report
 from kdcore.augment import augment_is_random, build_augment, check_augment_fits
 from kdcore.budget import check_student_budget
-from kdcore.callbacks import Callbacks, Progress
+from kdcore.callbacks import Callbacks, CancelOnly, Progress
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.data import DataBundle, Preprocess, check_labels_fit, load_data
 from kdcore.distributed import Group, join, leave, rank_device
@@ -151,7 +151,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     set_threads(_rank_threads(spec, group, runtime))
     if not group.is_main:
         # One voice: rank 0 reports progress and writes checkpoints, artifacts and the report.
-        callbacks = Callbacks()
+        callbacks = CancelOnly(callbacks)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     if (warning := precision_warning(runtime)) is not None:
         callbacks.on_log(f"warning: {warning}")

@@ -62,7 +62,7 @@ def submit_job(
     if idempotency_key is not None and (earlier := _replay(session, owner_id, idempotency_key, digest)):
         return Submission(earlier, created=False)
     check_spec_lists(spec.model_dump(mode="json"), settings.max_spec_list_length)
-    check_distributed(spec)
+    check_distributed(spec, settings)
     inputs = _resolve_inputs(session=session, owner_id=owner_id, spec=spec)
     spec = resolve_spec(spec, inputs["teacher"])
     check_datasets(spec, inputs["teacher"], {role: inputs[role] for role in ("train", "test") if role in inputs})
@@ -105,7 +105,7 @@ def submit_job(
 
 def queue_for(spec: JobSpec, settings: Settings) -> str:
     """CPU-only jobs go to the `cpu` queue so they never wait for (or occupy) a GPU worker."""
-    return "cpu" if spec.device == "cpu" else settings.default_queue
+    return sized_queue("cpu" if spec.device == "cpu" else settings.default_queue, spec.distributed.nproc)
 
 
 def _replay(session: Session, owner_id: str, key: str, digest: str) -> Job | None:
@@ -352,12 +352,21 @@ def enqueue(*, session: Session, settings: Settings, job: Job) -> None:
     session.commit()
 
 
-def check_distributed(spec: JobSpec) -> None:
+def check_distributed(spec: JobSpec, settings: Settings) -> None:
     """A job asking for more processes than any worker runs is refused now, not left queued forever."""
-    if spec.distributed.nproc > 1:
+    nproc = spec.distributed.nproc
+    if nproc > settings.max_job_processes:
         raise ServiceError(
             422, "bad_input",
-            f"distributed.nproc is {spec.distributed.nproc}, but this service's workers run one process per job "
-            "so far; run a distributed job with `distillery distill SPEC --out DIR` on the node, or set nproc to 1",
+            f"distributed.nproc is {nproc}, but this service's largest worker runs {settings.max_job_processes} "
+            "process(es) per job (DISTILLERY_MAX_JOB_PROCESSES, a worker started with --gpus N); ask for fewer",
             field="distributed.nproc",
         )
+    if nproc > 1 and spec.tune is not None:
+        raise ServiceError(422, "bad_input", "a tuned job's trials run on one process each; set distributed.nproc "
+                           "to 1 or leave tune out", field="distributed.nproc")
+
+
+def sized_queue(queue: str, nproc: int) -> str:
+    """Jobs of `nproc` processes have their own queue, taken only by workers with that many devices."""
+    return queue if nproc <= 1 else f"{queue}-x{nproc}"

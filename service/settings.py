@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         default_factory=dict, description="fsspec options for reading those prefixes (JSON), e.g. S3 credentials."
     )
     max_upload_bytes: int = Field(default=2 * GIB, ge=1, description="Largest single upload.")
+    max_job_processes: int = Field(
+        default=1, ge=1, le=64, description="The most processes (GPUs) one job may ask for (distributed.nproc): "
+        "what the largest worker offers (`distillery worker --gpus N`)."
+    )
     user_quota_bytes: int = Field(default=20 * GIB, ge=1, description="Stored uploads per user.")
     max_concurrent_jobs: int = Field(default=4, ge=1, description="Queued plus running jobs per user.")
     allow_code_teachers: bool = Field(

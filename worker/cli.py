@@ -45,6 +45,16 @@ ConcurrencyOption = Annotated[
         help="Jobs at once. One per GPU (run one worker per GPU); on CPU the cores are shared among them.",
     ),
 ]
+GpusOption = Annotated[
+    int,
+    typer.Option(
+        "--gpus",
+        min=1,
+        max=64,
+        help="Devices this worker gives one job (GPUs, or processes on a CPU): it also takes the jobs of "
+        "distributed.nproc 2..N from their own queues.",
+    ),
+]
 PoolOption = Annotated[
     str, typer.Option(help="prefork: a fresh child process per job (the default); solo: jobs in this process.")
 ]
@@ -54,12 +64,16 @@ def worker_command(
     queue: QueueOption = None,
     concurrency: ConcurrencyOption = 1,
     pool: PoolOption = "prefork",
+    gpus: GpusOption = 1,
 ) -> None:
     """Run a worker: take jobs from the queues, run each in a fresh process, requeue lost ones."""
+    from service.jobs import sized_queue
+
     queues = list(dict.fromkeys(queue or ["default"]))
     unknown = [name for name in queues if name not in QUEUES]
     if unknown:
         raise typer.BadParameter(f"unknown queue {unknown[0]!r}; choose from {', '.join(QUEUES)}", param_hint="--queue")
+    queues += [sized_queue(name, nproc) for name in list(queues) for nproc in range(2, gpus + 1)]
     if pool not in ("prefork", "solo"):
         raise typer.BadParameter("choose prefork or solo", param_hint="--pool")
     raise typer.Exit(run_worker(queues, concurrency=concurrency, pool=pool))

@@ -258,6 +258,13 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
         job_id=job_run.job_id,
     )
     callbacks = _callbacks(job_run)
+    if spec.distributed.nproc > 1:
+        from worker.launched import run_launched
+
+        return options.out_dir, run_launched(spec=spec, inputs=inputs, out_dir=options.out_dir,
+                                             checkpoint_dir=checkpoint_dir, limits=options.limits,
+                                             job_id=job_run.job_id, callbacks=callbacks, flags=job_run.flags,
+                                             work=work)
     try:
         return options.out_dir, _with_search_report(job_run, options.out_dir, run_job(spec, inputs, options,
                                                                                       callbacks))

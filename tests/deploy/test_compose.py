@@ -95,3 +95,18 @@ def test_images_come_from_the_dockerfile_targets(resolved: dict[str, Any]) -> No
     assert services["worker-gpu"]["build"]["target"] == "worker"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "FROM base AS api" in dockerfile and "FROM base AS worker" in dockerfile
+
+
+def test_the_four_gpu_worker_is_an_opt_in_profile_that_takes_jobs_of_up_to_four_processes() -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed (scripts/ensure_tools.sh installs it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILLERY_", "POSTGRES_"))}
+    env["DISTILLERY_MAX_JOB_PROCESSES"] = "4"
+    full = subprocess.run([*command, "-f", str(COMPOSE_FILE), "--profile", "multi-gpu", "config"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    services = yaml.safe_load(full.stdout)["services"]
+    worker = services["worker-gpu4"]
+    assert worker["command"][worker["command"].index("--gpus") + 1] == "4"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4
+    assert services["api"]["environment"]["DISTILLERY_MAX_JOB_PROCESSES"] == "4"
