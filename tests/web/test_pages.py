@@ -381,3 +381,17 @@ def test_static_assets_are_vendored_and_cacheable(web: WebApp) -> None:
         assert response.status_code == 200, asset
         assert "immutable" in response.headers["cache-control"]
     assert "https://" not in page.split("</head>")[0]  # no CDN
+
+
+def test_api_docs_load_only_bundled_assets(web: WebApp) -> None:
+    for page in ("/docs", "/redoc"):
+        response = web.client.get(page)
+        assert response.status_code == 200, page
+        assert "connect-src 'self'" in response.headers["content-security-policy"]
+        assert "https://" not in response.text, f"{page} still names a CDN"
+        for asset in re.findall(r'(?:src|href)="([^"]+)"', response.text):
+            assert asset.startswith("/docs-assets/"), asset
+            fetched = web.client.get(asset)
+            assert fetched.status_code == 200 and len(fetched.content) > 1000, asset
+    redoc = web.client.get("/docs-assets/redoc.standalone.js").text
+    assert "cdn.redoc.ly" not in redoc and "/static/favicon.svg" in redoc
