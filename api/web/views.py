@@ -178,7 +178,12 @@ def jobs_page(
 
 
 def _uploads(session: Session, user: Principal, values: FormValues) -> dict[str, list[FileOut]]:
-    """Earlier uploads to choose from, per purpose, including any the form refers to."""
+    """Earlier uploads to choose from, per purpose, including any the form refers to.
+
+    The same bytes uploaded again are one choice (the newest, or the one the form refers to):
+    a picker listing `blobs.npz` three times only makes the user wonder which is which.
+    """
+    referred = {value for name in FILE_FIELDS if isinstance(value := values.get(name), str) and value}
     choices: dict[str, list[FileOut]] = {}
     for purpose in FilePurpose:
         rows, _ = files.list_files(session=session, owner_id=user.id, limit=UPLOAD_CHOICES, purpose=purpose)
@@ -190,7 +195,14 @@ def _uploads(session: Session, user: Principal, values: FormValues) -> dict[str,
             if row is not None and row.purpose == purpose_name:
                 choices[purpose_name].append(FileOut.of(row))
     session.commit()
-    return choices
+    return {purpose: _distinct(listed, referred) for purpose, listed in choices.items()}
+
+
+def _distinct(listed: list[FileOut], referred: set[str]) -> list[FileOut]:
+    """One upload per content (sha256), in the listed order; a referred-to upload wins its content's place."""
+    keep = {f.sha256: f.id for f in reversed(listed)}  # reversed: the first listed (the newest) is kept
+    keep.update({f.sha256: f.id for f in listed if f.id in referred})
+    return [f for f in listed if keep[f.sha256] == f.id]
 
 
 def _form_page(request: Request, session: Session, user: Principal, values: FormValues, *,

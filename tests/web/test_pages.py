@@ -10,7 +10,7 @@ from typing import Any
 
 from service import state
 from service.artifacts import record_artifact
-from service.models import FilePurpose, Job, JobState
+from service.models import File, FilePurpose, Job, JobState
 from service.users import get_user_by_name, revoke_key
 from tests.api import factories
 from tests.web.conftest import WebApp, csrf_from, make_person, sign_in
@@ -395,3 +395,33 @@ def test_api_docs_load_only_bundled_assets(web: WebApp) -> None:
             assert fetched.status_code == 200 and len(fetched.content) > 1000, asset
     redoc = web.client.get("/docs-assets/redoc.standalone.js").text
     assert "cdn.redoc.ly" not in redoc and "/static/favicon.svg" in redoc
+
+
+def test_identical_reuploads_are_one_choice_in_the_pickers(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    with web.session_factory() as session:
+        owner = get_user_by_name(session=session, name="alice")
+        assert owner is not None
+        same = [factories.make_file(session, web.storage, owner, FilePurpose.DATASET, name="blobs.npz",
+                                    content=b"the same bytes") for _ in range(3)]
+        other = factories.make_file(session, web.storage, owner, FilePurpose.DATASET, name="other.npz",
+                                    content=b"other bytes")
+    page = web.client.get("/web/jobs/new").text
+    train_picker = page.split('id="f-data-train"', 1)[1].split("</select>", 1)[0]
+    assert train_picker.count("blobs.npz") == 1 and train_picker.count("other.npz") == 1
+    assert f'value="{same[-1].id}"' in train_picker  # the newest of the three
+    assert f'value="{other.id}"' in train_picker
+    # A form that refers to an older copy (a resubmitted job) keeps that one, still once.
+    values_page = web.client.get(f"/web/jobs/new?from={_job_using(web, same[0].id)}").text
+    picker = values_page.split('id="f-data-train"', 1)[1].split("</select>", 1)[0]
+    assert picker.count("blobs.npz") == 1
+    assert re.search(rf'value="{same[0].id}"[^>]* selected', picker)
+
+
+def _job_using(web: WebApp, train_id: str) -> str:
+    with web.session_factory() as session:
+        owner = get_user_by_name(session=session, name="alice")
+        assert owner is not None
+        train = session.get_one(File, train_id)
+        return factories.make_job(session, web.storage, owner, job_state=JobState.SUCCEEDED, train=train).id

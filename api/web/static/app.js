@@ -68,12 +68,22 @@
     var label = fileLabel(file);
     var info = file.info || {};
     document.querySelectorAll('select[data-purpose="' + file.purpose + '"]').forEach(function (select) {
+      // The same bytes again replace their earlier choice instead of listing it twice.
+      var wasChosen = false;
+      Array.prototype.slice.call(select.options).forEach(function (old) {
+        if (file.sha256 && old.getAttribute("data-sha256") === file.sha256) {
+          wasChosen = wasChosen || old.selected;
+          old.remove();
+        }
+      });
       var option = document.createElement("option");
       option.value = file.id;
+      option.setAttribute("data-sha256", file.sha256 || "");
       option.textContent = label;
       if (info.format) option.setAttribute("data-format", info.format);
       if (info.columns) option.setAttribute("data-columns", JSON.stringify(info.columns));
       select.insertBefore(option, select.options[1] || null);
+      if (wasChosen) select.value = file.id;
     });
     targetSelect.value = file.id;
     targetSelect.dispatchEvent(new Event("change", { bubbles: true }));
