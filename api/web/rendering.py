@@ -122,6 +122,7 @@ def _templates() -> Jinja2Templates:
     env = templates.env
     env.globals.update(
         static=static_url, stage_label=stage_label, file_label=file_label, artifact_url=artifact_url,
+        server_now=lambda: datetime.now(UTC),
         CSRF_FIELD=CSRF_FIELD, CSRF_HEADER=CSRF_HEADER,
     )
     env.filters.update(

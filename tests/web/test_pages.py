@@ -425,3 +425,17 @@ def _job_using(web: WebApp, train_id: str) -> str:
         assert owner is not None
         train = session.get_one(File, train_id)
         return factories.make_job(session, web.storage, owner, job_state=JobState.SUCCEEDED, train=train).id
+
+
+def test_running_job_handed_back_by_a_restart_shows_its_first_attempt(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    with web.session_factory() as session:
+        owner = get_user_by_name(session=session, name="alice")
+        assert owner is not None
+        job = factories.make_job(session, web.storage, owner, job_state=JobState.RUNNING)
+        assert state.hand_back(session, job.id, "worker-1", refund_attempt=True)
+        session.commit()
+        assert session.get_one(Job, job.id).attempts == 0
+    page = web.client.get(f"/web/jobs/{job.id}").text
+    assert re.search(r'id="job-attempt">1 of \d+<', page)

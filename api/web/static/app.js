@@ -37,6 +37,26 @@
     return parts.join(" · ");
   }
 
+  // "created 3 min ago" stays true while the page is open: every <time data-ago> counts on, from the
+  // server's clock (the page says what time it was there), so a skewed laptop clock changes nothing.
+  var serverTime = document.querySelector('meta[name="server-time"]');
+  var skew = serverTime ? (Date.parse(serverTime.getAttribute("content")) - Date.now()) || 0 : 0;
+  function ago(milliseconds) {
+    var seconds = Math.max(0, Math.floor(milliseconds / 1000));
+    if (seconds < 60) return seconds + " s ago";
+    if (seconds < 3600) return Math.floor(seconds / 60) + " min ago";
+    if (seconds < 86400) return Math.floor(seconds / 3600) + " h ago";
+    return Math.floor(seconds / 86400) + " d ago";
+  }
+  function refreshTimes() {
+    var now = Date.now() + skew;
+    document.querySelectorAll("time[data-ago]").forEach(function (element) {
+      var at = Date.parse(element.getAttribute("datetime"));
+      if (!isNaN(at)) element.textContent = ago(now - at);
+    });
+  }
+  if (document.querySelector("time[data-ago]") || document.getElementById("jobs-table")) setInterval(refreshTimes, 1000);
+
   // Jobs list: the state filter applies as soon as it changes.
   document.querySelectorAll("select[data-autosubmit]").forEach(function (select) {
     select.addEventListener("change", function () {
