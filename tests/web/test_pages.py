@@ -439,3 +439,101 @@ def test_running_job_handed_back_by_a_restart_shows_its_first_attempt(web: WebAp
         assert session.get_one(Job, job.id).attempts == 0
     page = web.client.get(f"/web/jobs/{job.id}").text
     assert re.search(r'id="job-attempt">1 of \d+<', page)
+
+
+def _finished_with(web: WebApp, metrics: dict[str, Any], *, owner_name: str = "alice",
+                   name: str | None = None, **spec_changes: Any) -> Job:
+    with web.session_factory() as session:
+        owner = get_user_by_name(session=session, name=owner_name)
+        assert owner is not None
+        job = factories.make_job(session, web.storage, owner, job_state=JobState.RUNNING)
+        spec = json.loads(json.dumps(job.spec))
+        for path, value in spec_changes.items():
+            *parents, leaf = path.split("__")
+            target = spec
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[leaf] = value
+        session.get_one(Job, job.id).spec = spec
+        session.get_one(Job, job.id).name = name
+        session.commit()
+        training = {"stage": "distill", "epoch": 1, "epochs": 1, "val_loss": 0.5, "val_accuracy": 0.8}
+        state.record_progress(session, job.id, "worker-1", stage="distill",
+                              progress={"fraction": 1.0, "epoch": 1, "epochs": 1}, metrics={"training": training})
+        state.record_progress(session, job.id, "worker-1", metrics=metrics)
+        state.finish(session, job.id, "worker-1", state=JobState.SUCCEEDED)
+        session.commit()
+        return session.get_one(Job, job.id)
+
+
+def test_jobs_list_shows_each_result_and_its_gain(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    helped = _finished_with(web, {**METRICS, "distillation_gain_ci": [0.01, 0.05]}, name="helped")
+    noisy = _finished_with(web, {**METRICS, "distillation_gain": -0.004, "distillation_gain_ci": [-0.02, 0.01],
+                                 "distillation_gain_within_noise": True}, name="noisy")
+    lm = _finished_with(web, {"task": "causal_lm", "student": {"perplexity": 12.345, "loss": 2.5},
+                              "distillation_gain": 0.0412}, name="lm")
+    page = web.client.get("/web/jobs").text
+    assert '<th scope="col">Result</th>' in page
+
+    def cell(job: Job) -> str:
+        row = page.split(f'data-job-id="{job.id}"', 1)[1].split("</tr>", 1)[0]
+        return row.split('class="result-cell">', 1)[1].split("</td>", 1)[0]
+
+    assert "93.0%" in cell(helped) and 'gain-success">+3.0 pts' in cell(helped)
+    assert "93.0%" in cell(noisy) and 'gain-muted">−0.4 pts' in cell(noisy) and "within noise" in cell(noisy)
+    assert "ppl 12.3" in cell(lm) and "+0.041 nats/token" in cell(lm)
+    assert page.count('form="compare-form" name="ids"') == 3
+
+
+def test_compare_two_jobs_shows_the_differing_fields_and_both_results(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    first = _finished_with(web, METRICS, name="t2", method__temperature=2.0)
+    worse = {**METRICS, "student": {**METRICS["student"], "accuracy": 0.81}, "distillation_gain": -0.09,
+             "warnings": ["the student is not faster than its teacher"]}
+    second = _finished_with(web, worse, name="t8", method__temperature=8.0)
+    response = web.client.get(f"/web/compare?ids={first.id},{second.id}")
+    assert response.status_code == 200, response.text
+    page = response.text
+    differences = page.split('id="spec-differences"', 1)[1].split("</table>", 1)[0]
+    assert 'data-path="method.temperature"' in differences
+    assert "2.0" in differences and "8.0" in differences
+    assert 'data-path="method.alpha"' not in differences  # the same in both: not listed
+    assert "teacher.bin (file_" in differences  # each job's own upload, by name
+    figures = page.split('id="figures"', 1)[1].split("</table>", 1)[0]
+    assert "93.0%" in figures and "81.0%" in figures and "Student accuracy" in figures
+    assert "The student is not faster than its teacher" in page
+    charts = json.loads(page.split('id="compare-data">', 1)[1].split("</script>", 1)[0])["charts"]
+    accuracy = next(c for c in charts if c["key"] == "val_accuracy")
+    assert accuracy["labels"] == ["t2", "t8"] and accuracy["series"] == [[80.0], [80.0]]
+    # The checkboxes' form sends ids=a&ids=b: the same page.
+    assert web.client.get(f"/web/compare?ids={first.id}&ids={second.id}").status_code == 200
+
+
+def test_compare_needs_two_of_your_own_jobs(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    make_person(web, "bob")
+    mine = _finished_with(web, METRICS)
+    theirs = _finished_with(web, METRICS, owner_name="bob")
+    sign_in(web.client, alice.key)
+    one = web.client.get(f"/web/compare?ids={mine.id}")
+    assert one.status_code == 400 and "Choose between 2 and 8 jobs" in one.text
+    other = web.client.get(f"/web/compare?ids={mine.id},{theirs.id}")
+    assert other.status_code == 404 and theirs.id in other.text
+
+
+def test_job_page_shows_its_warnings_prominently(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    warned = _finished_with(web, {**METRICS, "warnings": ["the student (12 k parameters) is not smaller than its "
+                                                          "teacher (11 k)"]})
+    page = web.client.get(f"/web/jobs/{warned.id}").text
+    block = page.split('id="job-warnings"', 1)[1].split("</div>", 1)[0]
+    assert "alert-warning" in block and "The student (12 k parameters) is not smaller than its teacher" in block
+    assert page.index('id="job-warnings"') < page.index('id="job-results"')  # above the figures
+    results = web.client.get(f"/web/jobs/{warned.id}/results").text  # what a live page fetches at the end
+    assert 'id="job-warnings" hx-swap-oob="true"' in results and "not smaller" in results
+    clean = _finished_with(web, METRICS)
+    assert "alert-warning" not in web.client.get(f"/web/jobs/{clean.id}").text.split('id="job-warnings"', 1)[1][:80]

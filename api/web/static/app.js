@@ -57,6 +57,22 @@
   }
   if (document.querySelector("time[data-ago]") || document.getElementById("jobs-table")) setInterval(refreshTimes, 1000);
 
+  // Jobs list: Compare is ready once two jobs are ticked (the boxes survive the list's refreshes).
+  var compareForm = document.getElementById("compare-form");
+  if (compareForm) {
+    var compareButton = document.getElementById("compare-jobs");
+    var compareHint = document.getElementById("compare-hint");
+    var updateCompare = function () {
+      var ticked = document.querySelectorAll('input[form="compare-form"]:checked').length;
+      compareButton.disabled = ticked < 2;
+      compareHint.textContent = ticked < 2 ? "Tick two or more jobs to compare them." : ticked + " jobs ticked.";
+    };
+    document.addEventListener("change", function (event) {
+      if (event.target && event.target.getAttribute && event.target.getAttribute("form") === "compare-form") updateCompare();
+    });
+    updateCompare();
+  }
+
   // Jobs list: the state filter applies as soon as it changes.
   document.querySelectorAll("select[data-autosubmit]").forEach(function (select) {
     select.addEventListener("change", function () {
