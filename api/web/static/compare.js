@@ -48,11 +48,12 @@
     var options = {
       width: width(element),
       height: 220,
-      scales: { x: { time: false } },
+      // Accuracy stays on 0-100% (uPlot would stretch a flat 100% line up to 200%).
+      scales: { x: { time: false }, y: percent ? { range: [0, 100] } : {} },
       axes: [
         { label: "epoch", labelSize: 18, size: 36, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
           values: function (u, ticks) { return ticks.map(function (v) { return String(Math.round(v)); }); } },
-        { size: 52, values: function (u, ticks) { return ticks.map(function (v) { return v == null ? "" : (percent ? v.toFixed(0) + "%" : v.toPrecision(3)); }); } },
+        { size: 64, values: function (u, ticks) { return ticks.map(function (v) { return v == null ? "" : (percent ? v.toFixed(0) + "%" : String(Number(v.toPrecision(3)))); }); } },
       ],
       series: [{ label: "epoch" }].concat(chart.labels.map(function (label, index) {
         return { label: label, stroke: palette[index % palette.length], width: 2, spanGaps: true,
