@@ -537,3 +537,16 @@ def test_job_page_shows_its_warnings_prominently(web: WebApp) -> None:
     assert 'id="job-warnings" hx-swap-oob="true"' in results and "not smaller" in results
     clean = _finished_with(web, METRICS)
     assert "alert-warning" not in web.client.get(f"/web/jobs/{clean.id}").text.split('id="job-warnings"', 1)[1][:80]
+
+
+def test_verdict_says_within_noise_when_the_interval_holds_zero() -> None:
+    from api.web.report import comparison
+
+    noisy = comparison({**METRICS, "distillation_gain": 0.004, "distillation_gain_ci": [-0.01, 0.02],
+                        "distillation_gain_within_noise": True})
+    assert noisy is not None and noisy.verdict is not None
+    assert noisy.verdict.startswith("Within noise") and "-1.0 to +2.0 points" in noisy.verdict
+    assert noisy.verdict_level == "info"
+    helped = comparison({**METRICS, "distillation_gain_ci": [0.01, 0.05], "distillation_gain_within_noise": False})
+    assert helped is not None and helped.verdict is not None
+    assert helped.verdict.startswith("Distillation helped") and "(95% interval +1.0 to +5.0 points)" in helped.verdict
