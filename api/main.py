@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import current_user, reject_unknown_query
+from api.docs_pages import mount_docs
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware, RateLimiter
 from api.observability import Metrics, ObservabilityMiddleware
@@ -67,6 +68,9 @@ def create_app(
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Served by api.docs_pages from bundled assets: FastAPI's own pages load them from CDNs.
+        docs_url=None,
+        redoc_url=None,
         generate_unique_id_function=_operation_id,
         dependencies=[Depends(reject_unknown_query)],
         openapi_tags=[
@@ -98,6 +102,7 @@ def create_app(
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
 
     app.include_router(health.router)
+    mount_docs(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_user)], responses=errors(401, 403))
     routers = (references.router, files.router, uploads.router, jobs.router, artifacts.router, architectures.router)
     for router in routers:

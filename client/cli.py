@@ -15,6 +15,7 @@ exits with a code that says what kind of failure it was:
     6  the server cannot be reached, broke the connection, or failed (5xx); worth retrying later
     7  a per-user limit (429): wait for a job to finish, or cancel one
     124  --timeout ran out before the job finished (the job goes on)
+    141  the reader of stdout went away (`distillery logs JOB | head`): stops quietly, as `yes | head` does
     130  interrupted (Ctrl-C); a submitted job goes on
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import sys
 import time
 import uuid
@@ -41,7 +43,7 @@ from client.models import Job, JobEvent
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_LIMITED = 4, 5, 6, 7
-EXIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
+EXIT_TIMEOUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 124, 130, 141  # 141: 128 + SIGPIPE, as a shell reports it
 JOB_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 
 _EXIT_BY_ERROR: tuple[tuple[type[errors.DistilleryError], int], ...] = (
@@ -105,6 +107,8 @@ def _one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except errors.DistilleryError as exc:
             _fail(exc, as_json=as_json)
+        except BrokenPipeError:
+            _stdout_closed()
         except ConfigError as exc:
             _fail(errors.DistilleryError(str(exc), code="bad_config"), as_json=as_json)
         except OSError as exc:
@@ -115,6 +119,14 @@ def _one_line_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return run
+
+
+def _stdout_closed() -> NoReturn:
+    # Python's recipe for SIGPIPE: the rest of the output goes nowhere, so the final flush at exit
+    # cannot raise a second BrokenPipeError ("Exception ignored ...") on the user's terminal.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise typer.Exit(EXIT_BROKEN_PIPE)
 
 
 def _fail(exc: errors.DistilleryError, *, as_json: bool) -> NoReturn:
@@ -268,7 +280,7 @@ def status(
         ("state", job.state + (" (cancel requested)" if job.cancel_requested and not job.finished else "")),
         ("stage", job.stage or "-"),
         ("progress", _progress_text(job)),
-        ("attempts", f"{job.attempts} of {job.max_attempts}"),
+        ("attempts", _attempts_text(job)),
         ("created", _when(job.created_at)),
         ("started", _when(job.started_at)),
         ("finished", _when(job.finished_at)),
@@ -281,6 +293,13 @@ def status(
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         typer.echo(f"{label:<{width}}  {value}")
+
+
+def _attempts_text(job: Job) -> str:
+    # A worker told to stop (a restart) hands its run back uncounted, so a job can read running with
+    # no attempt used until the reaper requeues it; the run it is on is still its first.
+    used = max(job.attempts, 1) if job.state == "running" else job.attempts
+    return f"{used} of {job.max_attempts}"
 
 
 @_one_line_errors

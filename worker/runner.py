@@ -325,7 +325,8 @@ def _download_inputs(job_run: JobRun, folder: Path) -> JobInputs:
             raise InputMissingError(f"the job's {_ROLES[role]} ({_FIELDS[role]}) was deleted; upload it again "
                                     "and submit a new job")
         key, name = entry
-        path = folder / f"{role}{_suffix(name)}"
+        path = _input_path(folder, role, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             job_run.storage.get_file(key, path)
         except FileNotFoundError:
@@ -340,6 +341,13 @@ def _download_inputs(job_run: JobRun, folder: Path) -> JobInputs:
 
 _ROLES = {"teacher": "teacher file", "train": "training data", "test": "test data", "student": "pretrained student"}
 _FIELDS = {"teacher": "teacher.file", "train": "data.train", "test": "data.test", "student": "student.file"}
+
+
+def _input_path(folder: Path, role: str, name: str) -> Path:
+    """`inputs/train/blobs.npz`: the upload's own name, so the report's Data line names the user's file
+    (not `train.npz`); a folder per role keeps a teacher and a dataset of the same name apart."""
+    safe = name if name not in ("", ".", "..") and not re.search(r"[/\\\x00]", name) else f"{role}{_suffix(name)}"
+    return folder / role / safe
 
 
 def _suffix(name: str) -> str:
@@ -448,7 +456,7 @@ def _settle_failure(job_run: JobRun, exc: Exception) -> Outcome:
 def _without_paths(exc: Exception, work: Path, job_run: JobRun) -> Exception:
     """The same error with the worker's scratch paths replaced by the user's own names for the files:
     a message is shown to the user, the worker's folders are none of their business."""
-    names = {f"{work}/inputs/{role}{_suffix(entry[1])}": entry[1]
+    names = {str(_input_path(work / "inputs", role, entry[1])): entry[1]
              for role, entry in job_run.input_keys.items() if entry is not None}
     text = str(exc)
     for path, name in names.items():

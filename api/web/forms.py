@@ -110,14 +110,14 @@ LAYOUT: list[tuple[str, list[str], list[str]]] = [
     ("Distillation", ["method.temperature", "method.alpha", "method.name"], ["method.hidden_weight"]),
     ("Search", ["tune.find", "tune.trials"], []),
     ("Stages", ["stages.distill_epochs", "stages.teacher_finetune_epochs", "stages.finetune_epochs",
-                "stages.baseline"], []),
+                "stages.baseline"], ["stages.teacher_check", "stages.select"]),
     ("Training", ["optim.name", "optim.lr", "batch_size", "precision"],
      ["optim.schedule", "optim.weight_decay", "optim.momentum", "optim.warmup_steps", "optim.warmup_ratio",
       "optim.teacher_lr",
       "optim.grad_clip", "eval_batch_size", "seed", "device", "threads"]),
     ("Output", ["export", "quantize"], []),
 ]
-OTHER_GROUP = "Other"
+OTHER_GROUP = "Other settings"
 # Fields that mean something for one task only; the page shows them when the teacher's task is that one.
 TEXT_ONLY = frozenset({"data.text_field", "data.text_pair_field", "data.label_field", "data.max_length",
                        "student.teacher_layers", "student.file", "method.hidden_weight"})
@@ -186,6 +186,13 @@ class FieldGroup:
     title: str
     fields: list[FormField] = field(default_factory=list)
     advanced: list[FormField] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        """The advanced part's toggle: "More data settings"; a group of advanced fields only says how many."""
+        if not self.fields:
+            return f"Show {len(self.advanced)} setting{'s' if len(self.advanced) != 1 else ''}"
+        return f"More {self.title.lower().removesuffix(' settings')} settings"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from api.web import report
+from api.web import compare, report
 from api.web.session import CSRF_FIELD, CSRF_HEADER, current_session, write_session
 from api.web.timeline import stage_label
 
@@ -122,6 +122,7 @@ def _templates() -> Jinja2Templates:
     env = templates.env
     env.globals.update(
         static=static_url, stage_label=stage_label, file_label=file_label, artifact_url=artifact_url,
+        server_now=lambda: datetime.now(UTC), result_of=compare.result_of, job_warnings=compare.warnings_of,
         CSRF_FIELD=CSRF_FIELD, CSRF_HEADER=CSRF_HEADER,
     )
     env.filters.update(

@@ -161,8 +161,16 @@ def comparison(metrics: dict[str, Any]) -> Comparison | None:
     if gain is not None:
         points = gain * 100
         student_accuracy = percent(data["student"].get("accuracy"))
-        if gain > 0:
-            verdict, level = f"Distillation helped: the student is {points:.1f} points above its baseline.", "success"
+        interval = _interval_text(metrics)
+        if metrics.get("distillation_gain_within_noise"):
+            verdict, level = (
+                f"Within noise: the distilled student is {points:+.1f} points from its baseline, and the 95% interval "
+                f"of that gain ({interval}) holds zero. More test samples (or more epochs) would tell them apart.",
+                "info",
+            )
+        elif gain > 0:
+            verdict, level = (f"Distillation helped: the student is {points:.1f} points above its baseline"
+                              + (f" (95% interval {interval})." if interval else "."), "success")
         elif abs(points) < 0.05:
             verdict, level = (
                 f"The distilled student did not beat its baseline: both reach {student_accuracy}. On this data the "
@@ -176,6 +184,14 @@ def comparison(metrics: dict[str, Any]) -> Comparison | None:
                 "warning",
             )
     return Comparison(present, rows, notes, verdict, level, _charts(present, data, metrics))
+
+
+def _interval_text(metrics: dict[str, Any]) -> str | None:
+    interval = metrics.get("distillation_gain_ci")
+    if not isinstance(interval, list) or len(interval) != 2:
+        return None
+    low, high = _number(interval[0]), _number(interval[1])
+    return None if low is None or high is None else f"{low * 100:+.1f} to {high * 100:+.1f} points"
 
 
 def _charts(present: list[tuple[str, str, str]], data: dict[str, dict[str, Any]],

@@ -30,7 +30,7 @@ from api.routers import download_headers
 from api.routers.jobs import MAX_EVENT_ID
 from api.schemas import ArtifactOut, FileOut, JobOut
 from api.uploads import receive_file
-from api.web import report
+from api.web import compare, report
 from api.web.forms import FILE_FIELDS, FormValues, SpecForm, spec_form
 from api.web.rendering import render, secure
 from api.web.search_chart import search_points
@@ -174,11 +174,64 @@ def jobs_page(
     return render(request, template, context)
 
 
+# ------------------------------------------------------------------------------------- compare
+
+
+def _compare_ids(raw: list[str]) -> list[str]:
+    """`?ids=a,b` or `?ids=a&ids=b` (the jobs list's checkboxes): distinct ids, in the order given."""
+    return list(dict.fromkeys(part.strip() for value in raw for part in value.split(",") if part.strip()))
+
+
+def _compare_context(session: Session, user: Principal, ids: list[str]) -> dict[str, Any]:
+    outs = [JobOut.of(_owned_job(session, user, job_id)) for job_id in ids]
+    specs = [out.spec for out in outs]
+    names = {}
+    for file_id in compare.file_ids(specs):
+        row = files.get_file(session=session, owner_id=user.id, file_id=file_id)
+        if row is not None:
+            names[file_id] = row.name
+    labels = compare.labels_for(outs)
+    curves = compare.curve_data([(label, load_timeline(session, out.id).points) for label, out in zip(
+        labels, outs, strict=True)])
+    session.commit()
+    return {
+        "user": user,
+        "jobs": outs,
+        "labels": labels,
+        "differences": compare.spec_differences(specs, names),
+        "figures": compare.figure_rows([out.metrics for out in outs]),
+        "warnings": [compare.warnings_of(out.metrics) for out in outs],
+        "curves": curves,
+        "stage_labels": STAGE_LABELS,
+    }
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(
+    request: Request,
+    user: WebUser,
+    session: SessionDep,
+    ids: Annotated[list[str], Query(max_length=compare.MAX_JOBS * 2)] = [],  # noqa: B006 (FastAPI copies it)
+) -> Response:
+    chosen = _compare_ids(ids)
+    if not compare.MIN_JOBS <= len(chosen) <= compare.MAX_JOBS:
+        message = (f"Choose between {compare.MIN_JOBS} and {compare.MAX_JOBS} jobs to compare: tick them in the "
+                   f"jobs list, then press Compare ({len(chosen)} chosen).")
+        return render(request, "error.html", {"user": user, "title": "Nothing to compare", "message": message},
+                      status_code=400)
+    return render(request, "compare.html", _compare_context(session, user, chosen))
+
+
 # ------------------------------------------------------------------------------------- new job
 
 
 def _uploads(session: Session, user: Principal, values: FormValues) -> dict[str, list[FileOut]]:
-    """Earlier uploads to choose from, per purpose, including any the form refers to."""
+    """Earlier uploads to choose from, per purpose, including any the form refers to.
+
+    The same bytes uploaded again are one choice (the newest, or the one the form refers to):
+    a picker listing `blobs.npz` three times only makes the user wonder which is which.
+    """
+    referred = {value for name in FILE_FIELDS if isinstance(value := values.get(name), str) and value}
     choices: dict[str, list[FileOut]] = {}
     for purpose in FilePurpose:
         rows, _ = files.list_files(session=session, owner_id=user.id, limit=UPLOAD_CHOICES, purpose=purpose)
@@ -190,7 +243,14 @@ def _uploads(session: Session, user: Principal, values: FormValues) -> dict[str,
             if row is not None and row.purpose == purpose_name:
                 choices[purpose_name].append(FileOut.of(row))
     session.commit()
-    return choices
+    return {purpose: _distinct(listed, referred) for purpose, listed in choices.items()}
+
+
+def _distinct(listed: list[FileOut], referred: set[str]) -> list[FileOut]:
+    """One upload per content (sha256), in the listed order; a referred-to upload wins its content's place."""
+    keep = {f.sha256: f.id for f in reversed(listed)}  # reversed: the first listed (the newest) is kept
+    keep.update({f.sha256: f.id for f in listed if f.id in referred})
+    return [f for f in listed if keep[f.sha256] == f.id]
 
 
 def _form_page(request: Request, session: Session, user: Principal, values: FormValues, *,

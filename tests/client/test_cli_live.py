@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.client.conftest import JobFiles, Service, free_port, run_cli
+from tests.client.conftest import DISTILLERY, JobFiles, Service, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +116,34 @@ def test_cancel_running_job_then_wait_exits_3(service: Service, job_files: JobFi
 
     again = service.cli("cancel", job_id)  # cancelling a cancelled job is what was asked: no error
     assert again.returncode == 0, again.stderr
+
+
+def test_logs_into_a_closed_pipe_stop_quietly_and_status_counts_the_running_attempt(
+    service: Service, job_files: JobFiles
+) -> None:
+    spec = job_files.write_spec("piped.yaml", name="piped", stages={"distill_epochs": 2000})
+    job_id = service.cli("submit", str(spec)).stdout.strip()
+    try:
+        with service.client() as client:
+            deadline = time.monotonic() + 120
+            while client.get_job(job_id).state == "queued" and time.monotonic() < deadline:
+                time.sleep(0.3)
+        status = service.cli("status", job_id)
+        assert re.search(r"^attempts\s+1 of \d+$", status.stdout, re.MULTILINE), status.stdout
+
+        # `distillery logs JOB --follow | head -n 3`: the reader leaves while the log still streams.
+        follow = subprocess.Popen([*DISTILLERY, "logs", job_id, "--follow", "--all"], env=service.cli_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert follow.stdout is not None and follow.stderr is not None
+        lines = [follow.stdout.readline() for _ in range(3)]
+        follow.stdout.close()
+        returncode = follow.wait(timeout=60)
+        stderr = follow.stderr.read()
+        assert all(line.strip() for line in lines), lines
+        assert returncode == 141, stderr
+        assert stderr == "", stderr  # no "error: Broken pipe", no "Exception ignored"
+    finally:
+        service.cli("cancel", job_id)
 
 
 def test_submit_wait_exits_1_when_the_job_fails(service: Service, job_files: JobFiles) -> None:

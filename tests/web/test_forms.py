@@ -137,3 +137,14 @@ def test_nullable_fields_empty_mean_none() -> None:
     checked = spec_form().validate(_filled(**{"optim.grad_clip": "", "threads": "", "name": ""}))
     assert checked.spec is not None
     assert checked.spec.optim.grad_clip is None and checked.spec.threads is None and checked.spec.name is None
+
+
+def test_advanced_toggles_read_as_english() -> None:
+    summaries = {group.title: group.summary for group in spec_form().groups if group.advanced}
+    assert summaries["Data"] == "More data settings"
+    assert summaries["Stages"] == "More stages settings"
+    for title, summary in summaries.items():
+        words = summary.lower().split()
+        assert len(words) == len(set(words)), f"{title}: {summary!r} repeats a word"
+    other = next(group for group in spec_form().groups if not group.fields)
+    assert other.summary == f"Show {len(other.advanced)} settings"

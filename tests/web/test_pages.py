@@ -10,7 +10,7 @@ from typing import Any
 
 from service import state
 from service.artifacts import record_artifact
-from service.models import FilePurpose, Job, JobState
+from service.models import File, FilePurpose, Job, JobState
 from service.users import get_user_by_name, revoke_key
 from tests.api import factories
 from tests.web.conftest import WebApp, csrf_from, make_person, sign_in
@@ -381,3 +381,172 @@ def test_static_assets_are_vendored_and_cacheable(web: WebApp) -> None:
         assert response.status_code == 200, asset
         assert "immutable" in response.headers["cache-control"]
     assert "https://" not in page.split("</head>")[0]  # no CDN
+
+
+def test_api_docs_load_only_bundled_assets(web: WebApp) -> None:
+    for page in ("/docs", "/redoc"):
+        response = web.client.get(page)
+        assert response.status_code == 200, page
+        assert "connect-src 'self'" in response.headers["content-security-policy"]
+        assert "https://" not in response.text, f"{page} still names a CDN"
+        for asset in re.findall(r'(?:src|href)="([^"]+)"', response.text):
+            assert asset.startswith("/docs-assets/"), asset
+            fetched = web.client.get(asset)
+            assert fetched.status_code == 200 and len(fetched.content) > 1000, asset
+    redoc = web.client.get("/docs-assets/redoc.standalone.js").text
+    assert "cdn.redoc.ly" not in redoc and "/static/favicon.svg" in redoc
+
+
+def test_identical_reuploads_are_one_choice_in_the_pickers(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    with web.session_factory() as session:
+        owner = get_user_by_name(session=session, name="alice")
+        assert owner is not None
+        same = [factories.make_file(session, web.storage, owner, FilePurpose.DATASET, name="blobs.npz",
+                                    content=b"the same bytes") for _ in range(3)]
+        other = factories.make_file(session, web.storage, owner, FilePurpose.DATASET, name="other.npz",
+                                    content=b"other bytes")
+    page = web.client.get("/web/jobs/new").text
+    train_picker = page.split('id="f-data-train"', 1)[1].split("</select>", 1)[0]
+    assert train_picker.count("blobs.npz") == 1 and train_picker.count("other.npz") == 1
+    assert f'value="{same[-1].id}"' in train_picker  # the newest of the three
+    assert f'value="{other.id}"' in train_picker
+    # A form that refers to an older copy (a resubmitted job) keeps that one, still once.
+    values_page = web.client.get(f"/web/jobs/new?from={_job_using(web, same[0].id)}").text
+    picker = values_page.split('id="f-data-train"', 1)[1].split("</select>", 1)[0]
+    assert picker.count("blobs.npz") == 1
+    assert re.search(rf'value="{same[0].id}"[^>]* selected', picker)
+
+
+def _job_using(web: WebApp, train_id: str) -> str:
+    with web.session_factory() as session:
+        owner = get_user_by_name(session=session, name="alice")
+        assert owner is not None
+        train = session.get_one(File, train_id)
+        return factories.make_job(session, web.storage, owner, job_state=JobState.SUCCEEDED, train=train).id
+
+
+def test_running_job_handed_back_by_a_restart_shows_its_first_attempt(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    with web.session_factory() as session:
+        owner = get_user_by_name(session=session, name="alice")
+        assert owner is not None
+        job = factories.make_job(session, web.storage, owner, job_state=JobState.RUNNING)
+        assert state.hand_back(session, job.id, "worker-1", refund_attempt=True)
+        session.commit()
+        assert session.get_one(Job, job.id).attempts == 0
+    page = web.client.get(f"/web/jobs/{job.id}").text
+    assert re.search(r'id="job-attempt">1 of \d+<', page)
+
+
+def _finished_with(web: WebApp, metrics: dict[str, Any], *, owner_name: str = "alice",
+                   name: str | None = None, **spec_changes: Any) -> Job:
+    with web.session_factory() as session:
+        owner = get_user_by_name(session=session, name=owner_name)
+        assert owner is not None
+        job = factories.make_job(session, web.storage, owner, job_state=JobState.RUNNING)
+        spec = json.loads(json.dumps(job.spec))
+        for path, value in spec_changes.items():
+            *parents, leaf = path.split("__")
+            target = spec
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[leaf] = value
+        session.get_one(Job, job.id).spec = spec
+        session.get_one(Job, job.id).name = name
+        session.commit()
+        training = {"stage": "distill", "epoch": 1, "epochs": 1, "val_loss": 0.5, "val_accuracy": 0.8}
+        state.record_progress(session, job.id, "worker-1", stage="distill",
+                              progress={"fraction": 1.0, "epoch": 1, "epochs": 1}, metrics={"training": training})
+        state.record_progress(session, job.id, "worker-1", metrics=metrics)
+        state.finish(session, job.id, "worker-1", state=JobState.SUCCEEDED)
+        session.commit()
+        return session.get_one(Job, job.id)
+
+
+def test_jobs_list_shows_each_result_and_its_gain(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    helped = _finished_with(web, {**METRICS, "distillation_gain_ci": [0.01, 0.05]}, name="helped")
+    noisy = _finished_with(web, {**METRICS, "distillation_gain": -0.004, "distillation_gain_ci": [-0.02, 0.01],
+                                 "distillation_gain_within_noise": True}, name="noisy")
+    lm = _finished_with(web, {"task": "causal_lm", "student": {"perplexity": 12.345, "loss": 2.5},
+                              "distillation_gain": 0.0412}, name="lm")
+    page = web.client.get("/web/jobs").text
+    assert '<th scope="col">Result</th>' in page
+
+    def cell(job: Job) -> str:
+        row = page.split(f'data-job-id="{job.id}"', 1)[1].split("</tr>", 1)[0]
+        return row.split('class="result-cell">', 1)[1].split("</td>", 1)[0]
+
+    assert "93.0%" in cell(helped) and 'gain-success">+3.0 pts' in cell(helped)
+    assert "93.0%" in cell(noisy) and 'gain-muted">−0.4 pts' in cell(noisy) and "within noise" in cell(noisy)
+    assert "ppl 12.3" in cell(lm) and "+0.041 nats/token" in cell(lm)
+    assert page.count('form="compare-form" name="ids"') == 3
+
+
+def test_compare_two_jobs_shows_the_differing_fields_and_both_results(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    first = _finished_with(web, METRICS, name="t2", method__temperature=2.0)
+    worse = {**METRICS, "student": {**METRICS["student"], "accuracy": 0.81}, "distillation_gain": -0.09,
+             "warnings": ["the student is not faster than its teacher"]}
+    second = _finished_with(web, worse, name="t8", method__temperature=8.0)
+    response = web.client.get(f"/web/compare?ids={first.id},{second.id}")
+    assert response.status_code == 200, response.text
+    page = response.text
+    differences = page.split('id="spec-differences"', 1)[1].split("</table>", 1)[0]
+    assert 'data-path="method.temperature"' in differences
+    assert "2.0" in differences and "8.0" in differences
+    assert 'data-path="method.alpha"' not in differences  # the same in both: not listed
+    assert "teacher.bin (file_" in differences  # each job's own upload, by name
+    figures = page.split('id="figures"', 1)[1].split("</table>", 1)[0]
+    assert "93.0%" in figures and "81.0%" in figures and "Student accuracy" in figures
+    assert "The student is not faster than its teacher" in page
+    charts = json.loads(page.split('id="compare-data">', 1)[1].split("</script>", 1)[0])["charts"]
+    accuracy = next(c for c in charts if c["key"] == "val_accuracy")
+    assert accuracy["labels"] == ["t2", "t8"] and accuracy["series"] == [[80.0], [80.0]]
+    # The checkboxes' form sends ids=a&ids=b: the same page.
+    assert web.client.get(f"/web/compare?ids={first.id}&ids={second.id}").status_code == 200
+
+
+def test_compare_needs_two_of_your_own_jobs(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    make_person(web, "bob")
+    mine = _finished_with(web, METRICS)
+    theirs = _finished_with(web, METRICS, owner_name="bob")
+    sign_in(web.client, alice.key)
+    one = web.client.get(f"/web/compare?ids={mine.id}")
+    assert one.status_code == 400 and "Choose between 2 and 8 jobs" in one.text
+    other = web.client.get(f"/web/compare?ids={mine.id},{theirs.id}")
+    assert other.status_code == 404 and theirs.id in other.text
+
+
+def test_job_page_shows_its_warnings_prominently(web: WebApp) -> None:
+    alice = make_person(web, "alice")
+    sign_in(web.client, alice.key)
+    warned = _finished_with(web, {**METRICS, "warnings": ["the student (12 k parameters) is not smaller than its "
+                                                          "teacher (11 k)"]})
+    page = web.client.get(f"/web/jobs/{warned.id}").text
+    block = page.split('id="job-warnings"', 1)[1].split("</div>", 1)[0]
+    assert "alert-warning" in block and "The student (12 k parameters) is not smaller than its teacher" in block
+    assert page.index('id="job-warnings"') < page.index('id="job-results"')  # above the figures
+    results = web.client.get(f"/web/jobs/{warned.id}/results").text  # what a live page fetches at the end
+    assert 'id="job-warnings" hx-swap-oob="true"' in results and "not smaller" in results
+    clean = _finished_with(web, METRICS)
+    assert "alert-warning" not in web.client.get(f"/web/jobs/{clean.id}").text.split('id="job-warnings"', 1)[1][:80]
+
+
+def test_verdict_says_within_noise_when_the_interval_holds_zero() -> None:
+    from api.web.report import comparison
+
+    noisy = comparison({**METRICS, "distillation_gain": 0.004, "distillation_gain_ci": [-0.01, 0.02],
+                        "distillation_gain_within_noise": True})
+    assert noisy is not None and noisy.verdict is not None
+    assert noisy.verdict.startswith("Within noise") and "-1.0 to +2.0 points" in noisy.verdict
+    assert noisy.verdict_level == "info"
+    helped = comparison({**METRICS, "distillation_gain_ci": [0.01, 0.05], "distillation_gain_within_noise": False})
+    assert helped is not None and helped.verdict is not None
+    assert helped.verdict.startswith("Distillation helped") and "(95% interval +1.0 to +5.0 points)" in helped.verdict

@@ -112,7 +112,8 @@ def test_error_messages_name_the_users_file_not_the_scratch_path(pg_service: Ser
     job_run = _job_run(pg_service)
     job_run.input_keys = {"teacher": ("key", "my-teacher.onnx")}
     work = tmp_path / "distillery-job_x-1234"
-    error = BadInputError(f"cannot parse {work}/inputs/teacher.onnx next to {work}/out", field="teacher.file")
+    error = BadInputError(f"cannot parse {work}/inputs/teacher/my-teacher.onnx next to {work}/out",
+                          field="teacher.file")
     clean = _without_paths(error, work, job_run)
     assert str(tmp_path) not in str(clean)
     assert "my-teacher.onnx" in str(clean) and clean.field == "teacher.file"  # type: ignore[attr-defined]

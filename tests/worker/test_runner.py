@@ -90,6 +90,9 @@ def test_run_job_succeeds_records_artifacts_and_metrics(service: Service, tmp_pa
     folder = tmp_path_factory.mktemp("downloads")
     for name in ("student.onnx", "student.ts", "metrics.json"):
         (folder / name).write_bytes(b"".join(service.storage.iter_chunks(artifacts[name].storage_key)))
+    report = b"".join(service.storage.iter_chunks(artifacts["report.md"].storage_key)).decode()
+    data_line = report.split("## Data", 1)[1].strip().splitlines()[0]
+    assert "blobs.npz" in data_line and "train.npz" not in data_line  # the user's file, by its own name
     claimed = claimed_accuracy((folder / "metrics.json").read_bytes())
     assert claimed == job.metrics["student"]["accuracy"]
     assert onnx_accuracy(folder / "student.onnx", service.job_files.data) == pytest.approx(claimed)

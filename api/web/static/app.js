@@ -37,6 +37,42 @@
     return parts.join(" · ");
   }
 
+  // "created 3 min ago" stays true while the page is open: every <time data-ago> counts on, from the
+  // server's clock (the page says what time it was there), so a skewed laptop clock changes nothing.
+  var serverTime = document.querySelector('meta[name="server-time"]');
+  var skew = serverTime ? (Date.parse(serverTime.getAttribute("content")) - Date.now()) || 0 : 0;
+  function ago(milliseconds) {
+    var seconds = Math.max(0, Math.floor(milliseconds / 1000));
+    if (seconds < 60) return seconds + " s ago";
+    if (seconds < 3600) return Math.floor(seconds / 60) + " min ago";
+    if (seconds < 86400) return Math.floor(seconds / 3600) + " h ago";
+    return Math.floor(seconds / 86400) + " d ago";
+  }
+  function refreshTimes() {
+    var now = Date.now() + skew;
+    document.querySelectorAll("time[data-ago]").forEach(function (element) {
+      var at = Date.parse(element.getAttribute("datetime"));
+      if (!isNaN(at)) element.textContent = ago(now - at);
+    });
+  }
+  if (document.querySelector("time[data-ago]") || document.getElementById("jobs-table")) setInterval(refreshTimes, 1000);
+
+  // Jobs list: Compare is ready once two jobs are ticked (the boxes survive the list's refreshes).
+  var compareForm = document.getElementById("compare-form");
+  if (compareForm) {
+    var compareButton = document.getElementById("compare-jobs");
+    var compareHint = document.getElementById("compare-hint");
+    var updateCompare = function () {
+      var ticked = document.querySelectorAll('input[form="compare-form"]:checked').length;
+      compareButton.disabled = ticked < 2;
+      compareHint.textContent = ticked < 2 ? "Tick two or more jobs to compare them." : ticked + " jobs ticked.";
+    };
+    document.addEventListener("change", function (event) {
+      if (event.target && event.target.getAttribute && event.target.getAttribute("form") === "compare-form") updateCompare();
+    });
+    updateCompare();
+  }
+
   // Jobs list: the state filter applies as soon as it changes.
   document.querySelectorAll("select[data-autosubmit]").forEach(function (select) {
     select.addEventListener("change", function () {
@@ -68,12 +104,22 @@
     var label = fileLabel(file);
     var info = file.info || {};
     document.querySelectorAll('select[data-purpose="' + file.purpose + '"]').forEach(function (select) {
+      // The same bytes again replace their earlier choice instead of listing it twice.
+      var wasChosen = false;
+      Array.prototype.slice.call(select.options).forEach(function (old) {
+        if (file.sha256 && old.getAttribute("data-sha256") === file.sha256) {
+          wasChosen = wasChosen || old.selected;
+          old.remove();
+        }
+      });
       var option = document.createElement("option");
       option.value = file.id;
+      option.setAttribute("data-sha256", file.sha256 || "");
       option.textContent = label;
       if (info.format) option.setAttribute("data-format", info.format);
       if (info.columns) option.setAttribute("data-columns", JSON.stringify(info.columns));
       select.insertBefore(option, select.options[1] || null);
+      if (wasChosen) select.value = file.id;
     });
     targetSelect.value = file.id;
     targetSelect.dispatchEvent(new Event("change", { bubbles: true }));

@@ -43,9 +43,16 @@
           value: function (u, v) { return v == null ? "—" : (unit === "%" ? v.toFixed(1) + "%" : v.toFixed(4)); } };
       })),
       legend: { live: true },
+      // Off the chart, the legend shows the latest epoch's values rather than "--" and "—".
+      hooks: { setCursor: [function (u) { if (u.cursor.idx == null) showLatest(u); }] },
     };
     var empty = [[]].concat(series.map(function () { return []; }));
     return new uPlot(options, empty, element);
+  }
+
+  function showLatest(u) {
+    var count = u.data && u.data[0] ? u.data[0].length : 0;
+    if (count > 0) u.setLegend({ idx: count - 1 }, false);
   }
 
   function stageBlock(stage) {
@@ -107,6 +114,8 @@
     ["train_accuracy", "val_accuracy"].forEach(function (key) { block[key][index] = percentOrNull(point[key]); });
     block.loss.setData([block.epochs, block.train_loss, block.val_loss]);
     block.accuracy.setData([block.epochs, block.train_accuracy, block.val_accuracy]);
+    showLatest(block.loss);
+    showLatest(block.accuracy);
     block.lossElement.setAttribute("data-points", String(block.epochs.length));
   }
 
@@ -124,13 +133,14 @@
 
   // Progress, state and log ----------------------------------------------------------------
   function setProgress(progress, stageLabel) {
+    // A stage's start comes without progress figures: its label must follow all the same.
+    if (stageLabel && !FINAL[job.state]) byId("job-stage").textContent = stageLabel;
     if (!progress) return;
     var fraction = Math.min(1, Math.max(0, progress.fraction || 0));
     var bar = byId("job-progress");
     bar.value = fraction;
     bar.textContent = Math.round(fraction * 100) + "%";
     byId("job-percent").textContent = Math.floor(fraction * 100) + "%";
-    if (stageLabel) byId("job-stage").textContent = stageLabel;
     byId("job-epoch").textContent = progress.epochs ? progress.epoch + " / " + progress.epochs : "—";
     byId("job-eta").textContent = formatDuration(progress.eta_s);
   }
