@@ -210,7 +210,8 @@ class StagesSpec(_Strict):
         default="fail",
         description="Before any training, score the teacher on the validation split; near chance it fails the job "
         "(warn: only reports it) with what it tried: the data's own normalisation, swapped colour channels, "
-        "another label order. Image jobs; warns only when the teacher is fine-tuned first.",
+        "another label order (text jobs: the label order only). Warns only when an image teacher is fine-tuned "
+        "first; a text teacher fine-tuned first is not checked.",
     )
     select: Literal["best_val", "last"] = Field(
         default="best_val",

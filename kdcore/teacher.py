@@ -30,7 +30,7 @@ from kdcore.limits import ResourceLimitError
 from kdcore.models import build_model
 from kdcore.onnx_sniff import OnnxFacts
 from kdcore.spec import TeacherSpec
-from kdcore.teacher_mismatch import adapt_channel_prefix, explain_mismatch
+from kdcore.teacher_mismatch import Rebuild, adapt_channel_prefix, explain_mismatch
 from kdcore.teacher_sniff import ALLOW_CODE_SETTING, DEFAULT_MAX_BYTES, TeacherInfo, sniff_teacher
 
 _FORMAT_NAMES = {
@@ -176,13 +176,22 @@ def _build_and_load(
     except KDError as exc:  # e.g. an image architecture for flat feature vectors
         raise MismatchError(exc.message, field="teacher.arch") from None
     state = adapt_channel_prefix(model.state_dict(), state)
-    _check_keys_and_shapes(model, state, spec.arch, spec.arch_args)
+    arch = spec.arch
+
+    def rebuild(arch_args: dict[str, Any]) -> Mapping[str, torch.Tensor] | None:
+        try:  # on the meta device: only names and shapes are compared, so no memory or time is spent
+            with torch.device("meta"):
+                return build_model(arch, arch_args, input_shape, num_classes).state_dict()
+        except (KDError, ValueError, TypeError):  # arguments this architecture does not take
+            return None
+
+    _check_keys_and_shapes(model, state, spec.arch, spec.arch_args, rebuild)
     model.load_state_dict(state, strict=True)
     return model
 
 
 def _check_keys_and_shapes(model: nn.Module, state: dict[str, torch.Tensor], arch: str,
-                           arch_args: dict[str, Any]) -> None:
+                           arch_args: dict[str, Any], rebuild: Rebuild | None = None) -> None:
     """Say which tensors disagree, in words, before load_state_dict says it less readably."""
     expected = model.state_dict()
     problems = []
@@ -200,7 +209,7 @@ def _check_keys_and_shapes(model: nn.Module, state: dict[str, torch.Tensor], arc
     if reshaped:
         problems.append(f"shape mismatch {_listed(reshaped)}")
     if problems:
-        plain = explain_mismatch(arch, arch_args, expected, state)
+        plain = explain_mismatch(arch, arch_args, expected, state, rebuild)
         raise MismatchError(
             (f"{'; '.join(plain)}. In detail: " if plain else "")
             + f"the teacher's weights do not fit architecture {arch!r} with these arch_args and the data's "

@@ -46,13 +46,8 @@ def check_teacher_accuracy(
                                 batch_size=batch_size)
         return (logits.argmax(dim=1) == y).float().mean().item(), logits
 
-    accuracy, logits = score(preprocess)
-    counts = torch.bincount(y, minlength=num_classes)
-    chance = max(1.0 / num_classes, counts.max().item() / max(1, len(y)))
-    result: dict[str, Any] = {
-        "split": split, "samples": len(y), "accuracy": accuracy, "chance": chance,
-        "threshold": near_chance_threshold(chance), "passed": accuracy >= near_chance_threshold(chance), "tried": [],
-    }
+    _, logits = score(preprocess)
+    result = score_predictions(logits, y, num_classes=num_classes, split=split)
     if result["passed"]:
         return result
     input_shape = tuple(int(d) for d in x.shape[1:])
@@ -70,12 +65,31 @@ def check_teacher_accuracy(
                           "std": IMAGENET[1], "accuracy": score(Preprocess(*IMAGENET, input_shape))[0]})
             tried.append({"fix": "channels", "what": "the colour channels reversed (RGB <-> BGR)",
                           "accuracy": score(preprocess, x.flip(1))[0]})
-    mapping, mapped = best_label_mapping(confusion_matrix(logits, y, num_classes))
-    if mapping != list(range(num_classes)):
-        tried.append({"fix": "labels", "what": "another label order (the best mapping of the teacher's classes "
-                      "onto the data's)", "mapping": mapping, "accuracy": mapped / max(1, len(y))})
-    result["tried"] = tried
+    result["tried"] = tried + label_orders_tried(logits, y, num_classes)
     return result
+
+
+def score_predictions(logits: torch.Tensor, y: torch.Tensor, *, num_classes: int, split: str) -> dict[str, Any]:
+    """The check's verdict on a teacher's logits for labels `y`: accuracy against chance (any task).
+
+    Chance is the larger of uniform guessing and always answering the commonest class.
+    """
+    y = y.cpu()
+    accuracy = (logits.argmax(dim=1).cpu() == y).float().mean().item() if len(y) else 0.0
+    counts = torch.bincount(y, minlength=num_classes)
+    chance = max(1.0 / num_classes, counts.max().item() / max(1, len(y)))
+    threshold = near_chance_threshold(chance)
+    return {"split": split, "samples": len(y), "accuracy": accuracy, "chance": chance, "threshold": threshold,
+            "passed": accuracy >= threshold, "tried": []}
+
+
+def label_orders_tried(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[dict[str, Any]]:
+    """The teacher's score under the label mapping that best fits its confusion matrix (if not the identity)."""
+    mapping, mapped = best_label_mapping(confusion_matrix(logits.cpu(), y.cpu(), num_classes))
+    if mapping == list(range(num_classes)):
+        return []
+    return [{"fix": "labels", "what": "another label order (the best mapping of the teacher's classes onto the "
+             "data's)", "mapping": mapping, "accuracy": mapped / max(1, len(y))}]
 
 
 def data_statistics(train_x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -171,7 +185,8 @@ def _advice(best: dict[str, Any]) -> str:
         return "The data's colour channels are probably in the other order than the teacher's: convert them"
     pairs = ", ".join(f"{pred}->{true}" for pred, true in enumerate(best["mapping"]) if pred != true)
     return (f"The teacher's class order probably differs from the data's (teacher class -> data class: {pairs}); "
-            "ImageFolder zips number classes by sorted folder name")
+            "ImageFolder zips number classes by sorted folder name; text labels follow the teacher's id2label "
+            "where it names them, else their sorted order")
 
 
 def _pct(value: float) -> str:

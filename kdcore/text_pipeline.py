@@ -62,6 +62,7 @@ from kdcore.significance import gain_over_baseline
 from kdcore.spec import JobSpec
 from kdcore.teacher import Teacher
 from kdcore.teacher_cache import LiveTeacher, TeacherLogitsCache
+from kdcore.teacher_check import check_message, enforce, label_orders_tried, score_predictions
 from kdcore.teacher_sniff import sniff_teacher
 from kdcore.text_data import TextData, TokenBatch, TokenBatches, TokenizedSplit, collate, load_text_data
 from kdcore.trainer import ProgressTracker, Stage, Trainer
@@ -109,6 +110,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
                      f"{data.max_length} tokens")
     teacher = Teacher(teacher_model, "hf", True, None, sniff_teacher(inputs.teacher), runtime.device)
     stages = plan_stages(spec, teacher)
+    teacher_check = _check_teacher_accuracy(spec, data, teacher_model, pad_id, runtime, callbacks)
 
     checkpointer = Checkpointer(options.checkpoints)
     state = (checkpointer.load() if options.resume else None) or RunState()
@@ -161,6 +163,10 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, models, student_plan, pad_id, runtime, options, state)
     metrics["selected_epochs"] = selected
+    if teacher_check is not None:
+        metrics["teacher_check"] = teacher_check
+        if not teacher_check["passed"]:
+            metrics.setdefault("warnings", []).append(check_message(teacher_check))
     announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, data, models, tokenizer, student_plan, options)
     announce(callbacks, "report", fraction=1.0)
@@ -173,6 +179,31 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
 
 def _checkpointed_after_students(state: RunState, stages: list[Stage]) -> bool:
     return any(stage.name == state.stage and stage.model_key != "teacher" for stage in stages)
+
+
+def _check_teacher_accuracy(spec: JobSpec, data: TextData, teacher: TextClassifier, pad_id: int, runtime: Runtime,
+                            callbacks: Callbacks) -> dict[str, Any] | None:
+    """stages.teacher_check for a teacher that is a classifier already: its score before any training.
+
+    A teacher fine-tuned on this data first is not checked: its head is about to be trained, so its
+    score now says nothing. The whole validation split is scored (one pass, as at every epoch's end);
+    of the image check's alternatives only the label order applies to text.
+    """
+    if spec.stages.teacher_check == "off" or spec.stages.teacher_finetune_epochs > 0:
+        return None
+    has_val = data.val is not None and len(data.val) > 0
+    split = data.val if has_val and data.val is not None else data.train
+    logits = predict_text_logits(teacher, TokenBatches(split, pad_id=pad_id, device=runtime.device), runtime,
+                                 spec.eval_batch_size)
+    result = score_predictions(logits, split.labels, num_classes=data.num_classes,
+                               split="validation split" if has_val else "training split (val_fraction is 0)")
+    if not result["passed"]:
+        result["tried"] = label_orders_tried(logits, split.labels, data.num_classes)
+    callbacks.on_log(f"teacher check: {100 * result['accuracy']:.1f}% on {result['samples']} examples of the "
+                     f"{result['split']} (chance {100 * result['chance']:.1f}%)")
+    if (warning := enforce(result, spec.stages.teacher_check, teacher_adapts=False)) is not None:
+        callbacks.on_log(f"warning: {warning}")
+    return result
 
 
 def _check_one_batch(teacher: TextClassifier, train: TokenBatches, num_classes: int) -> None:

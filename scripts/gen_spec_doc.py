@@ -37,7 +37,8 @@ SECTION_INTROS = {
     "are refused unless the operator allows them; see [teachers](teachers.md).",
     "student": "The smaller model to train, built fresh from the registry (see [Architectures](#architectures)).",
     "data": "Images as an `.npz` (`x_train`, `y_train`, optionally `x_test`, `y_test`; uint8 N×H×W or N×H×W×C) "
-    "or an ImageFolder `.zip` (one folder per class).",
+    "or an ImageFolder `.zip` (one folder per class; its layouts, class order, channels and sizes are in "
+    "[data formats](data.md)).",
     "method": "The distillation loss: alpha·T²·KL(teacher_T ‖ student_T) + (1 − alpha)·CE(student, labels) "
     "(Hinton et al., 2015).",
     "stages": "The pipeline: adapt the teacher, distill, fine-tune on labels, and optionally train the same "

@@ -30,6 +30,7 @@ from kdcore.models import build_model
 HERE = Path(__file__).resolve().parent
 TEACHER_ARCH = "cnn"
 TEACHER_ARGS = {"widths": [32, 64], "hidden": 256, "dropout": 0.3}
+EPOCHS, SEED = 6, 0  # the defaults; bench/first_distillation.py runs them for the docs' figures
 
 
 def train(data_path: Path, *, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
@@ -66,8 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=HERE / "mnist_small.npz", help="npz with x_train, y_train, ...")
     parser.add_argument("--out", type=Path, default=HERE / "teacher.safetensors", help="where the weights go")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads; more than the idle cores only slows it down"
     )

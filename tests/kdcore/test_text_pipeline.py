@@ -70,7 +70,9 @@ def _spec(workdir: Path, teacher: str = "base", **overrides: Any) -> JobSpec:
         "student": {"arch_args": {"num_hidden_layers": 1}},
         "data": {"train": str(workdir / "train.jsonl"), "test": str(workdir / "test.jsonl")},
         "stages": {"teacher_finetune_epochs": 1 if teacher == "base" else 0, "distill_epochs": 2,
-                   "baseline": False},
+                   "baseline": False,
+                   # The "classifier" teacher's head is random (near chance by design): the check only warns.
+                   "teacher_check": "warn" if teacher == "classifier" else "fail"},
         "optim": {"lr": 2e-3, "teacher_lr": 2e-3},
         "threads": 2,
     }
@@ -483,3 +485,71 @@ def test_meta_device_count_of_a_text_student_matches_the_built_one(workdir: Path
                                  pad_id=0, seed=0)
     counted = student_parameters_on_meta(folder, student["arch"], student["arch_args"], num_classes=2)
     assert counted == sum(p.numel() for p in plan.model.parameters())
+
+
+# --- the teacher check of a teacher that is a classifier already ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_out(workdir: Path) -> Path:
+    """A job whose exported teacher_hf.zip is a classifier that knows the task (5 epochs: about 97%)."""
+    out = workdir / "trained_teacher"
+    spec = _spec(workdir, stages={"teacher_finetune_epochs": 5, "distill_epochs": 1},
+                 optim={"lr": 2e-3, "teacher_lr": 5e-3}, export=["safetensors"])
+    assert _run(spec, out).metrics["teacher"]["accuracy"] > 0.9
+    return out
+
+
+def _trained_teacher(workdir: Path, out: Path, name: str, swap_labels: bool = False) -> str:
+    """The fine-tuned teacher (teacher_hf.zip) of `out` as an upload; with swap_labels its id2label reversed."""
+    target = workdir / f"{name}.zip"
+    with zipfile.ZipFile(out / "teacher_hf.zip") as source, zipfile.ZipFile(target, "w") as archive:
+        for member in source.namelist():
+            content = source.read(member)
+            if swap_labels and member.endswith("config.json"):
+                config = json.loads(content)
+                config["id2label"] = {"0": "positive", "1": "negative"}
+                config["label2id"] = {"positive": 0, "negative": 1}
+                content = json.dumps(config).encode()
+            archive.writestr(member, content)
+    return name
+
+
+def test_a_trained_text_classifier_passes_the_check_and_its_score_is_kept(workdir: Path, trained_out: Path,
+                                                                          tmp_path: Path) -> None:
+    recorder = Recorder()
+    spec = _spec(workdir, _trained_teacher(workdir, trained_out, "trained"), stages={"distill_epochs": 1},
+                 export=["safetensors"])
+    result = _run(spec, tmp_path, recorder)
+    check = result.metrics["teacher_check"]
+    assert check["passed"] and check["split"] == "validation split" and check["tried"] == []
+    assert check["samples"] == 30  # the whole validation split: val_fraction 0.1 of 300 rows
+    assert check["accuracy"] >= check["threshold"] > check["chance"]
+    assert any(line.startswith("teacher check: ") for line in recorder.logs)
+    assert json.loads((tmp_path / "metrics.json").read_text())["teacher_check"]["passed"] is True
+
+
+def test_a_random_text_classifier_fails_before_training(workdir: Path, tmp_path: Path) -> None:
+    recorder = Recorder()
+    spec = _spec(workdir, "classifier", stages={"teacher_check": "fail"})
+    with pytest.raises(KDError) as caught:
+        _run(spec, tmp_path, recorder)
+    assert caught.value.code == "teacher_check_failed"
+    assert "before any training, near chance" in caught.value.message
+    assert "stages.teacher_check: warn" in caught.value.message
+    assert recorder.epochs == [] and "distill" not in recorder.stages  # nothing trained
+
+
+def test_a_text_teacher_with_its_labels_reversed_is_named(workdir: Path, trained_out: Path, tmp_path: Path) -> None:
+    # id2label says the opposite of what the head learned: the data's "positive" rows meet output 0.
+    spec = _spec(workdir, _trained_teacher(workdir, trained_out, "reversed", swap_labels=True))
+    with pytest.raises(KDError) as caught:
+        _run(spec, tmp_path)
+    assert caught.value.field == "data.train"
+    assert "another label order" in caught.value.message and "0->1, 1->0" in caught.value.message
+
+
+def test_a_teacher_fine_tuned_first_is_not_checked(kd_run: tuple[RunResult, Recorder, Path]) -> None:
+    result, recorder, _ = kd_run  # a base model: its head is trained on this data before distillation
+    assert "teacher_check" not in result.metrics
+    assert not any(line.startswith("teacher check: ") for line in recorder.logs)
