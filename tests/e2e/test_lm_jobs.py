@@ -1,0 +1,97 @@
+"""A causal-LM job through the real service (`distillery serve`: uvicorn, a Celery worker, SQLite):
+a tiny GPT-2 teacher zip and .txt data uploaded, distilled with a top-K teacher cache, the student's
+hf zip downloaded and generating with transformers; the same user's second job reuses the cache
+without running the teacher, and another user's identical job does not see it."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.stack import Stack, running
+from tests.lm_models import make_lm_zip, sentences
+
+TOP_K = 8
+
+
+@pytest.fixture(scope="module")
+def lm_job_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lm-job-files")
+    train, test = root / "train.txt", root / "test.txt"
+    train.write_text("\n".join(sentences(160, seed=1)) + "\n")
+    test.write_text("\n".join(sentences(30, seed=2)) + "\n")
+    return {"teacher": make_lm_zip(root, "teacher", layers=2, hidden=32), "train": train, "test": test}
+
+
+def _spec(stack: Stack, files: dict[str, Path]) -> dict[str, Any]:
+    return {
+        "teacher": {"file": stack.upload(files["teacher"], "teacher")},
+        "student": {"arch_args": {"num_hidden_layers": 1}},
+        "data": {"train": stack.upload(files["train"], "dataset"), "test": stack.upload(files["test"], "dataset"),
+                 "max_length": 32},
+        "method": {"top_k": TOP_K, "divergence": "forward_kl"},
+        "stages": {"distill_epochs": 2, "baseline": False},
+        "batch_size": 8,
+    }
+
+
+def _cache_logs(stack: Stack, job_id: str) -> list[str]:
+    return [event["message"] for event in stack.events(job_id)
+            if event["kind"] == "log" and "teacher top-" in event["message"]]
+
+
+def test_lm_job_through_the_service_reuses_the_owners_teacher_cache_only(
+    tmp_path: Path, lm_job_files: dict[str, Path]
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stack = Stack(tmp_path / "data")
+    with running(stack):
+        stack.start_serve()
+        alice, bob = stack.create_user(), stack.create_user()
+
+        stack.use(alice)
+        first = stack.wait_for_state(stack.submit(_spec(stack, lm_job_files)), "succeeded", timeout=300)
+        metrics = first["metrics"]
+        assert metrics["task"] == "causal_lm" and metrics["method"]["top_k"] == TOP_K
+        for model in ("teacher", "student"):
+            assert metrics[model]["loss"] > 0 and metrics[model]["perplexity"] > 1
+            assert 0 <= metrics[model]["accuracy"] <= 1
+        assert 0 <= metrics["agreement"] <= 1 and metrics["samples"]
+        cache = metrics["teacher_cache"]
+        assert cache["used"] and not cache["reused"] and cache["teacher_loaded"] and cache["teacher_forward_tokens"]
+        assert any("cached as" in message for message in _cache_logs(stack, first["id"]))
+
+        folder = tmp_path / "student"
+        with zipfile.ZipFile(stack.download(first["id"], "student_hf.zip", tmp_path)) as archive:
+            archive.extractall(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert model.config.num_hidden_layers == 1
+        prompt = tokenizer("the cat", return_tensors="pt")
+        generated = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+        # The same user, the same teacher, data and K (uploaded again: the same bytes): the cache is reused.
+        # A student not initialised from the teacher's layers: then nothing reads the teacher's weights at all.
+        spec = _spec(stack, lm_job_files)
+        spec["student"]["init_from_teacher"] = False
+        second = stack.wait_for_state(stack.submit(spec), "succeeded", timeout=300)
+        reused = second["metrics"]["teacher_cache"]
+        assert reused["used"] and reused["reused"] and reused["key"] == cache["key"]
+        assert not reused["teacher_loaded"] and reused["teacher_forward_tokens"] == 0
+        assert reused["teacher_forward_tokens_saved"] > 0
+        assert second["metrics"]["teacher"]["loss"] == metrics["teacher"]["loss"]  # the cached evaluation
+        assert any("the teacher is not run" in message for message in _cache_logs(stack, second["id"]))
+        report = stack.download(second["id"], "report.md", tmp_path).read_text()
+        assert "reused, the teacher was not run" in report
+
+        # Another user with the very same files and spec computes their own.
+        stack.use(bob)
+        other = stack.wait_for_state(stack.submit(_spec(stack, lm_job_files)), "succeeded", timeout=300)
+        theirs = other["metrics"]["teacher_cache"]
+        assert theirs["key"] == cache["key"] and not theirs["reused"] and theirs["teacher_loaded"]
+        assert not any("the teacher is not run" in message for message in _cache_logs(stack, other["id"]))
