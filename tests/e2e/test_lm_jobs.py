@@ -5,14 +5,18 @@ without running the teacher, and another user's identical job does not see it.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.e2e.stack import Stack, running
+from tests.e2e.stack import REPO_ROOT, Stack, running
 from tests.lm_models import make_lm_zip, sentences
+from worker.supervisor import API_MAIN
 
 TOP_K = 8
 
@@ -27,11 +31,16 @@ def lm_job_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _spec(stack: Stack, files: dict[str, Path]) -> dict[str, Any]:
+    return _spec_of(stack.upload(files["teacher"], "teacher"), stack.upload(files["train"], "dataset"),
+                    stack.upload(files["test"], "dataset"))
+
+
+def _spec_of(teacher: str, train: str, test: str) -> dict[str, Any]:
+    """The job on these files: ids of uploads, or local paths for the command line to upload."""
     return {
-        "teacher": {"file": stack.upload(files["teacher"], "teacher")},
+        "teacher": {"file": teacher},
         "student": {"arch_args": {"num_hidden_layers": 1}},
-        "data": {"train": stack.upload(files["train"], "dataset"), "test": stack.upload(files["test"], "dataset"),
-                 "max_length": 32},
+        "data": {"train": train, "test": test, "max_length": 32},
         "method": {"top_k": TOP_K, "divergence": "forward_kl"},
         "stages": {"distill_epochs": 2, "baseline": False},
         "batch_size": 8,
@@ -89,9 +98,19 @@ def test_lm_job_through_the_service_reuses_the_owners_teacher_cache_only(
         report = stack.download(second["id"], "report.md", tmp_path).read_text()
         assert "reused, the teacher was not run" in report
 
-        # Another user with the very same files and spec computes their own.
+        # Another user with the very same files and spec computes their own; this one through the command
+        # line, whose spec names local files (uploaded by the client) and whose summary is by loss.
         stack.use(bob)
-        other = stack.wait_for_state(stack.submit(_spec(stack, lm_job_files)), "succeeded", timeout=300)
+        spec_file = tmp_path / "lm-job.yaml"
+        spec_file.write_text(yaml.safe_dump(_spec_of(*(str(lm_job_files[role]) for role in ("teacher", "train",
+                                                                                             "test")))))
+        submitted = subprocess.run([sys.executable, "-c", API_MAIN, "submit", str(spec_file), "--wait",
+                                    "--url", stack.url, "--api-key", bob], capture_output=True, text=True,
+                                   timeout=300, cwd=REPO_ROOT, env=stack.env)
+        assert submitted.returncode == 0, submitted.stderr + submitted.stdout
+        job_id, state = submitted.stdout.replace(";", " ").split()[:2]
+        assert state == "succeeded" and "student loss" in submitted.stdout and "nats/token" in submitted.stdout
+        other = stack.job(job_id)
         theirs = other["metrics"]["teacher_cache"]
         assert theirs["key"] == cache["key"] and not theirs["reused"] and theirs["teacher_loaded"]
         assert not any("the teacher is not run" in message for message in _cache_logs(stack, other["id"]))
