@@ -114,3 +114,34 @@ def test_lm_job_through_the_service_reuses_the_owners_teacher_cache_only(
         theirs = other["metrics"]["teacher_cache"]
         assert theirs["key"] == cache["key"] and not theirs["reused"] and theirs["teacher_loaded"]
         assert not any("the teacher is not run" in message for message in _cache_logs(stack, other["id"]))
+
+
+def test_lm_job_resumes_after_a_stopped_service_and_cancels(tmp_path: Path, lm_job_files: dict[str, Path]) -> None:
+    """Progress by epoch, a service stopped mid-job handing the job back (it continues from its checkpoint
+    when the service runs again), and a cancel that ends it: as for every other job."""
+    import signal
+
+    stack = Stack(tmp_path / "data")
+    with running(stack):
+        stack.start_serve()
+        stack.create_user()
+        spec = _spec(stack, lm_job_files)
+        spec["stages"]["distill_epochs"] = 400  # far more than the test waits for
+        job_id = stack.submit(spec)
+        running_job = stack.wait_for_epoch(job_id, 2, timeout=180)
+        assert 0 < running_job["progress"]["fraction"] < 1 and running_job["progress"]["epochs"] == 400
+
+        serve = stack.processes["serve"]
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        stack.start_serve()
+        stack.wait_for_epoch(job_id, 4, timeout=180)
+        cancelled = stack.cancel(job_id)
+        assert cancelled["cancel_requested"] or cancelled["state"] == "cancelled"
+        job = stack.wait_for_state(job_id, "cancelled", timeout=120)
+        assert job["attempts"] == 1
+        events = stack.events(job_id)
+        resumes = [event for event in events if event["kind"] == "resume"]
+        assert len(resumes) == 1 and resumes[0]["epoch"] >= 2 and resumes[0]["stage"] == "distill"
+        # The first attempt stored the teacher's top-K before it was stopped: the resumed one did not run it.
+        assert any("the teacher is not run" in event.get("message", "") for event in events if event["kind"] == "log")
