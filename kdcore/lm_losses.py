@@ -42,9 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kdcore.lm_memory import CHUNK_LOGIT_BYTES, chunk_tokens_for
-
-__all__ = ["CHUNK_LOGIT_BYTES", "chunk_tokens_for"]  # with the losses below; kept here for their callers
+from kdcore.lm_memory import chunk_tokens_for
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Head = Callable[[torch.Tensor], torch.Tensor]  # final hidden states [n, H] -> logits [n, V_padded]
