@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.stack import REPO_ROOT, Stack, running
+from tests.e2e.stack import REPO_ROOT, Stack, running, wait_until
 from tests.lm_models import make_lm_zip, sentences
 from worker.supervisor import API_MAIN
 
@@ -135,7 +135,12 @@ def test_lm_job_resumes_after_a_stopped_service_and_cancels(tmp_path: Path, lm_j
         serve.send_signal(signal.SIGINT)
         assert serve.wait(timeout=60) == 0
         stack.start_serve()
-        stack.wait_for_epoch(job_id, 4, timeout=180)
+        # Handed back, the job is queued with its attempt refunded; claimed again, it runs as attempt 1.
+        wait_until(lambda: (job := stack.job(job_id))["state"] == "running" and job["attempts"] == 1, timeout=120,
+                   what="the job running again", on_timeout=stack.log_tails)
+        resumed_at = stack.job(job_id)["progress"].get("epoch") or 0
+        wait_until(lambda: (stack.job(job_id)["progress"].get("epoch") or 0) > resumed_at, timeout=180,
+                   what="the resumed job training on", on_timeout=stack.log_tails)
         cancelled = stack.cancel(job_id)
         assert cancelled["cancel_requested"] or cancelled["state"] == "cancelled"
         job = stack.wait_for_state(job_id, "cancelled", timeout=120)
