@@ -516,15 +516,20 @@ def _result_summary(job: Job) -> str:
 
 
 def _metrics_summary(metrics: dict[str, Any]) -> str:
-    """`student accuracy 0.97 (teacher 0.98, baseline 0.96), 5.1x smaller, 3.2x faster`, or "" before the end."""
+    """`student accuracy 0.97 (teacher 0.98, baseline 0.96), 5.1x smaller, 3.2x faster`, or "" before the end;
+    for a causal LM `student loss 1.5000 nats/token, perplexity 4.48 (teacher 1.2345, ...)`."""
     student, teacher, baseline = (metrics.get(key) for key in ("student", "teacher", "baseline"))
-    if not isinstance(student, dict) or "accuracy" not in student:
+    # A language model is judged by its loss (nats per token, lower is better), a classifier by accuracy.
+    measure = "loss" if metrics.get("task") == "causal_lm" else "accuracy"
+    if not isinstance(student, dict) or measure not in student:
         return ""
-    text = f"student accuracy {student['accuracy']:.4f}"
+    text = f"student {measure} {student[measure]:.4f}"
+    if measure == "loss":
+        text += " nats/token" + (f", perplexity {student['perplexity']:.2f}" if "perplexity" in student else "")
     others = [
-        f"{label} {value['accuracy']:.4f}"
+        f"{label} {value[measure]:.4f}"
         for label, value in (("teacher", teacher), ("baseline", baseline))
-        if isinstance(value, dict) and "accuracy" in value
+        if isinstance(value, dict) and measure in value
     ]
     if others:
         text += f" ({', '.join(others)})"

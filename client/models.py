@@ -147,6 +147,7 @@ class Architecture(_Model):
     name: str
     family: str
     task: str = "image_classification"
+    tasks: list[str] = Field(default_factory=list)  # every task it is a student for (servers before: `task` alone)
     description: str
     args_schema: dict[str, Any] = Field(default_factory=dict)
     defaults: dict[str, Any] = Field(default_factory=dict)

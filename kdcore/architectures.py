@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from kdcore.errors import SpecError
 
-Task = Literal["image_classification", "text_classification"]
+Task = Literal["image_classification", "text_classification", "causal_lm"]
 
 
 class ArchArgs(BaseModel):
@@ -103,6 +103,7 @@ class ArchEntry(BaseModel):
     name: str
     family: str
     task: Task = "image_classification"
+    also: tuple[Task, ...] = ()  # further tasks it is a student for (hf: causal_lm too)
     description: str
     args_model: type[ArchArgs]
     builder: str
@@ -113,7 +114,8 @@ class ArchInfo(BaseModel):
 
     name: str
     family: str
-    task: Task = Field(description="The kind of job this architecture is a student for.")
+    task: Task = Field(description="The kind of job this architecture is a student for (the first of `tasks`).")
+    tasks: list[Task] = Field(description="Every kind of job it is a student for.")
     description: str
     args_schema: dict[str, Any]
     defaults: dict[str, Any]
@@ -123,11 +125,12 @@ ARCHITECTURES: dict[str, ArchEntry] = {}
 
 
 def register(name: str, *, family: str, description: str, args_model: type[ArchArgs], builder: str,
-             task: Task = "image_classification") -> None:
+             task: Task = "image_classification", also: tuple[Task, ...] = ()) -> None:
     if name in ARCHITECTURES:
         raise ValueError(f"architecture {name!r} registered twice")
     ARCHITECTURES[name] = ArchEntry(
-        name=name, family=family, task=task, description=description, args_model=args_model, builder=builder
+        name=name, family=family, task=task, also=also, description=description, args_model=args_model,
+        builder=builder,
     )
 
 
@@ -191,9 +194,11 @@ register(
     "hf",
     family="transformers",
     task="text_classification",
-    description="The teacher's transformers family (BERT, RoBERTa, DistilBERT, MiniLM, DeBERTa, ModernBERT, ...) "
-    "with arch_args overriding its config; with init_from_teacher it starts from the teacher's embeddings and "
-    "the layers named by student.teacher_layers (DistilBERT's copy).",
+    also=("causal_lm",),
+    description="The teacher's transformers family (BERT, RoBERTa, DistilBERT, MiniLM, DeBERTa, ModernBERT, ...; "
+    "for causal_lm GPT-2, Llama, Qwen, Mistral, ...) with arch_args overriding its config; with init_from_teacher "
+    "it starts from the teacher's embeddings (and head) and the layers named by student.teacher_layers "
+    "(DistilBERT's copy, Minitron's depth pruning).",
     args_model=HFArgs,
     builder="kdcore.hf_models:build_hf_student",
 )
@@ -252,6 +257,7 @@ def list_architectures() -> list[ArchInfo]:
             name=entry.name,
             family=entry.family,
             task=entry.task,
+            tasks=[entry.task, *entry.also],
             description=entry.description,
             args_schema=entry.args_model.model_json_schema(),
             defaults=entry.args_model().model_dump(),

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from kdcore.archive import DEFAULT_LIMITS, ArchiveLimits, check_zip, open_zip, read_member
 from kdcore.errors import BadInputError
-from kdcore.text_sniff import TextDatasetInfo, detect_format, sniff_text
+from kdcore.text_sniff import TextDatasetInfo, detect_format, sniff_plain_text, sniff_text
 
 Kind = Literal["npz", "imagefolder"]
 # How samples are laid out as stored: NxHxW, NxHxWxC, NxCxHxW or NxF.
@@ -486,12 +486,16 @@ def detect_kind(infos: Iterable[zipfile.ZipInfo]) -> Kind:
 
 
 def sniff_dataset(path: str | Path, *, limits: ArchiveLimits | None = None) -> DatasetInfo | TextDatasetInfo:
-    """Describe a dataset file (npz, ImageFolder zip, or jsonl/csv/tsv text) or raise BadInputError."""
+    """Describe a dataset file (npz, ImageFolder zip, jsonl/csv/tsv rows, or a .txt document) or raise
+    BadInputError."""
     limits = limits or DEFAULT_LIMITS
     with open(path, "rb") as handle:
         head = handle.read(64 * 1024)
     if not head.startswith(b"PK"):
         text_format = detect_format(head)
+        # By name, as the engine reads it: a .txt is one document (commas or not) unless it holds JSON lines.
+        if Path(path).suffix.lower() == ".txt" and text_format != "jsonl":
+            return sniff_plain_text(path)
         if text_format is None:
             refuse_a_teacher(path)
             raise BadInputError("not a dataset: not a zip archive (.npz or ImageFolder .zip) and not UTF-8 text "

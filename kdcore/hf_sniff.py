@@ -9,6 +9,7 @@ Whether transformers knows the `model_type` is checked by the worker, which impo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import zipfile
@@ -24,6 +25,7 @@ HfTask = Literal["text_classification", "causal_lm"]
 
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100_000_000
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # Gemma's is about 33 MB; larger ones are left to the worker's check
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -57,6 +59,10 @@ class HfInfo(BaseModel):
     weight_files: list[str]
     tokenizer_files: list[str]
     ignored_files: list[str] = Field(default_factory=list, description="Pickled weights beside safetensors, unused.")
+    tokenizer_size: int | None = Field(default=None, description="Tokens in tokenizer.json (added tokens included).")
+    vocab_sha256: str | None = Field(
+        default=None, description="sha256 of tokenizer.json's token → id map: two models share a tokenizer only "
+        "where these agree (None without a tokenizer.json).")
 
 
 def is_hf_folder(names: list[str]) -> bool:
@@ -86,6 +92,7 @@ def sniff_hf_zip(zf: zipfile.ZipFile, *, limits: ArchiveLimits | None = None, fi
             "`tokenizer.save_pretrained(folder)` writes", field=field)
     if "vocab.json" in tokenizer and "merges.txt" not in members and "tokenizer.json" not in members:
         raise BadInputError("vocab.json needs its merges.txt (a BPE tokenizer)", field=field)
+    vocab = _tokenizer_vocab(zf, members["tokenizer.json"], field) if "tokenizer.json" in members else None
     architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     has_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     return HfInfo(
@@ -102,7 +109,33 @@ def sniff_hf_zip(zf: zipfile.ZipFile, *, limits: ArchiveLimits | None = None, fi
         weight_files=weights,
         tokenizer_files=tokenizer,
         ignored_files=ignored,
+        tokenizer_size=len(vocab) if vocab is not None else None,
+        vocab_sha256=vocab_fingerprint(vocab) if vocab is not None else None,
     )
+
+
+def _tokenizer_vocab(zf: zipfile.ZipFile, info: zipfile.ZipInfo, field: str) -> dict[str, int] | None:
+    """tokenizer.json's token → id map as `get_vocab()` gives it: the model's vocabulary (a map for BPE and
+    WordPiece, a list of [piece, score] for Unigram) and the added tokens. None for a layout not known here."""
+    if info.file_size > MAX_TOKENIZER_BYTES:
+        return None
+    model = (tokenizer := _parse_json(read_member(zf, info), "tokenizer.json", field)).get("model")
+    raw = model.get("vocab") if isinstance(model, dict) else None
+    vocab: dict[str, int]
+    if isinstance(raw, dict):
+        vocab = {str(token): index for token, index in raw.items() if isinstance(index, int)}
+    elif isinstance(raw, list):
+        vocab = {str(entry[0]): index for index, entry in enumerate(raw) if isinstance(entry, list) and entry}
+    else:
+        return None
+    for added in tokenizer.get("added_tokens") or []:
+        if isinstance(added, dict) and isinstance(added.get("id"), int) and isinstance(added.get("content"), str):
+            vocab[added["content"]] = added["id"]
+    return vocab
+
+
+def vocab_fingerprint(vocab: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
 
 
 def _root_of(names: list[str]) -> str | None:

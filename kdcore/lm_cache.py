@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from kdcore.errors import BadInputError
 from kdcore.lm_data import LMBatches, LMSplit
-from kdcore.lm_losses import TopK, chunk_tokens_for, top_k_of
+from kdcore.lm_losses import TopK, top_k_of
+from kdcore.lm_memory import chunk_tokens_for
 from kdcore.lm_models import CausalLM
 from kdcore.runtime import Runtime
 from kdcore.spec import JobSpec

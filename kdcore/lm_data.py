@@ -22,17 +22,16 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from kdcore.errors import BadInputError
 from kdcore.spec import DataSpec
 from kdcore.text_data import BUCKET_BATCHES
-from kdcore.text_sniff import read_rows
+from kdcore.text_sniff import LMKind, lm_kind_of, read_rows
 
 IGNORE = -100
-LMKind = Literal["text", "completion", "chat", "prompt"]
 _MAX_LISTED = 5
 _TOKENIZE_BATCH = 1024
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -223,13 +222,8 @@ _KIND_WORDS: dict[LMKind, str] = {"text": "text", "completion": "a prompt with i
 
 
 def _kind_of(raw: dict[str, Any], spec: DataSpec) -> LMKind | None:
-    if spec.messages_field in raw:
-        return "chat"
-    if spec.prompt_field in raw:
-        return "completion" if spec.completion_field in raw else "prompt"
-    if spec.text_field in raw:
-        return "text"
-    return None
+    return lm_kind_of(raw, text_field=spec.text_field, prompt_field=spec.prompt_field,
+                      completion_field=spec.completion_field, messages_field=spec.messages_field)
 
 
 def _parse_row(number: int, raw: dict[str, Any], kind: LMKind, spec: DataSpec) -> tuple[LMRow, str | None]:

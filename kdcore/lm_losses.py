@@ -42,17 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kdcore.lm_memory import chunk_tokens_for
+
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Head = Callable[[torch.Tensor], torch.Tensor]  # final hidden states [n, H] -> logits [n, V_padded]
 
 # exp(-1e4) is 0 in fp32: a floor that means "probability zero" without -inf's NaN gradients.
 LOG_FLOOR = -1.0e4
-# fp32 logits of one chunk: chunk_tokens x vocab x 4 bytes, at most this (a few copies live in backward).
-CHUNK_LOGIT_BYTES = 64 * 1024 * 1024
-
-
-def chunk_tokens_for(vocab: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> int:
-    return max(8, budget_bytes // (4 * vocab))
 
 
 def divergence(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor, kind: Divergence,

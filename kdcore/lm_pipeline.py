@@ -26,11 +26,12 @@ from kdcore.callbacks import Callbacks
 from kdcore.checkpoint import Checkpointer, RunState
 from kdcore.errors import KDError
 from kdcore.hf_models import HfFolder, StudentPlan, load_config, load_tokenizer, unpack_hf_zip
-from kdcore.limits import GiB, ResourceLimits, check_parameters, over_limit
+from kdcore.limits import GiB, ResourceLimits, check_parameters
 from kdcore.lm_cache import TeacherTopKCache, cache_key, compute_top_k, file_sha256
 from kdcore.lm_data import LMBatches, LMData, LMSplit, from_sequences, load_lm_data, with_answers
 from kdcore.lm_evaluate import agreement, model_metrics, sample_prompts, sample_texts
-from kdcore.lm_losses import LossSettings, chunk_tokens_for
+from kdcore.lm_losses import LossSettings
+from kdcore.lm_memory import check_memory_estimate, estimate_memory, teacher_bytes_per_parameter
 from kdcore.lm_models import (
     CausalLM,
     build_lm_student,
@@ -229,24 +230,6 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
 # --- the check: memory ---------------------------------------------------------------------------------
 
 
-def estimate_memory(*, teacher_params: int, teacher_bytes: int, student_params: int, hidden: int, layers: int,
-                    tokens_per_batch: int, vocab: int, gradient_checkpointing: bool) -> dict[str, int]:
-    """Bytes a training step holds, roughly: enough to refuse what cannot fit before anything loads.
-
-    teacher weights (bf16 or fp32) + student fp32 weights, gradients and AdamW's two moments (16 bytes
-    a parameter) + activations kept for backward (about 16 fp32 values of width hidden per token and
-    layer; one per layer with gradient checkpointing) + one chunk of fp32 logits (4 copies in backward).
-    """
-    per_layer = 1 if gradient_checkpointing else 16
-    parts = {
-        "teacher_bytes": teacher_params * teacher_bytes,
-        "student_bytes": student_params * 16,
-        "activation_bytes": tokens_per_batch * hidden * layers * per_layer * 4,
-        "logits_chunk_bytes": chunk_tokens_for(vocab) * vocab * 4 * 4,
-    }
-    return {**parts, "total_bytes": sum(parts.values())}
-
-
 def check_memory(spec: JobSpec, config: Any, folder: HfFolder, student_folder: HfFolder | None, vocab: int,
                  limits: ResourceLimits, *, teacher_needed: bool) -> dict[str, int]:
     if student_folder is not None:
@@ -257,21 +240,13 @@ def check_memory(spec: JobSpec, config: Any, folder: HfFolder, student_folder: H
                                                   spec.student.teacher_layers)
         hidden, layers = int(student.hidden_size), int(student.num_hidden_layers)
     check_parameters(student_params, limits, field="student.file" if student_folder else "student.arch_args")
-    teacher_bytes = 2 if spec.precision == "bf16" and not spec.stages.teacher_finetune_epochs else 4
-    # A fine-tuned teacher is trained like a student: its gradients and moments count too.
-    if spec.stages.teacher_finetune_epochs:
-        teacher_bytes = 16
+    teacher_bytes = teacher_bytes_per_parameter(precision=spec.precision,
+                                                teacher_finetune_epochs=spec.stages.teacher_finetune_epochs)
     memory = estimate_memory(teacher_params=folder.info.params if teacher_needed else 0, teacher_bytes=teacher_bytes,
                              student_params=student_params, hidden=hidden, layers=layers,
                              tokens_per_batch=spec.batch_size * spec.data.max_length, vocab=vocab,
                              gradient_checkpointing=spec.gradient_checkpointing)
-    if memory["total_bytes"] > limits.max_train_memory_bytes:
-        parts = ", ".join(f"{name.removesuffix('_bytes')} {value / GiB:.2f} GiB" for name, value in memory.items()
-                          if name != "total_bytes")
-        raise over_limit("the estimated training memory in bytes", memory["total_bytes"], "max_train_memory_bytes",
-                         limits.max_train_memory_bytes, field="batch_size",
-                         advice=f"estimate: {parts}; lower batch_size or data.max_length, set method.top_k (the "
-                         "teacher then runs once, before the student), gradient_checkpointing or precision bf16")
+    check_memory_estimate(memory, limits)
     return memory
 
 

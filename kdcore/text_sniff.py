@@ -1,9 +1,11 @@
-"""Text datasets (.jsonl, .csv, .tsv): reading rows with their row numbers, and a torch-free summary.
+"""Text datasets (.jsonl, .csv, .tsv, .txt): reading rows with their row numbers, and a torch-free summary.
 
 The API summarises every text upload with `sniff_text` (columns, rows, the values of short
 columns, so the form can list the fields and the submission can check the labels); the engine
 reads the same rows through `read_rows`, so both agree on what a row is and how it is numbered.
 Row numbers are the file's line numbers (the header of a CSV is line 1), as an editor shows them.
+A plain .txt file is one document for a language model (`sniff_plain_text`); `lm_kind_of` tells
+which kind of language-model rows a .jsonl holds, for the submission and the engine alike.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,8 @@ from pydantic import BaseModel, Field
 from kdcore.errors import BadInputError
 
 TextFormat = Literal["jsonl", "csv", "tsv"]
+# causal_lm rows: language modelling, prompt + completion, a chat, or prompts alone (seq_kd).
+LMKind = Literal["text", "completion", "chat", "prompt"]
 
 MAX_ROWS = 5_000_000
 MAX_COLUMNS = 256
@@ -34,7 +38,7 @@ class TextDatasetInfo(BaseModel):
     """What a text dataset upload holds."""
 
     kind: Literal["text"] = "text"
-    format: TextFormat
+    format: TextFormat | Literal["txt"]
     num_rows: int
     columns: list[str] = Field(description="Field names: the CSV header, or every key seen in the JSON lines.")
     value_counts: dict[str, dict[str, int]] = Field(
@@ -43,6 +47,41 @@ class TextDatasetInfo(BaseModel):
     first_missing: dict[str, int] = Field(
         default_factory=dict, description="For columns absent or empty in some rows: the first such row."
     )
+    lm_kind: LMKind | None = Field(
+        default=None, description="As language-model data (the default field names): text, completion (prompt + "
+        "completion), chat (messages) or prompt (prompts alone, for seq_kd); None where no such field is present.")
+    num_chars: int | None = Field(default=None, description="Plain text (.txt): characters in the document.")
+
+
+def lm_kind_of(fields: Iterable[str], *, text_field: str = "text", prompt_field: str = "prompt",
+               completion_field: str = "completion", messages_field: str = "messages") -> LMKind | None:
+    """Which kind of causal_lm rows has these fields: messages first, then prompt (with or without a
+    completion), then text; None where none is there."""
+    names = set(fields)
+    if messages_field in names:
+        return "chat"
+    if prompt_field in names:
+        return "completion" if completion_field in names else "prompt"
+    if text_field in names:
+        return "text"
+    return None
+
+
+def sniff_plain_text(path: str | Path, *, what: str = "file") -> TextDatasetInfo:
+    """A .txt file as one language-model document: UTF-8 throughout, not empty, no NUL bytes."""
+    lines = chars = 0
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            for line in handle:
+                if "\x00" in line:
+                    raise BadInputError(f"line {lines + 1} holds NUL bytes: not a text file", field=what)
+                chars += len(line)
+                lines += bool(line.strip())
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"not UTF-8 text (byte {exc.start} of a line): save it as UTF-8", field=what) from None
+    if not lines:
+        raise BadInputError("the text file is empty", field=what)
+    return TextDatasetInfo(format="txt", num_rows=lines, columns=[], lm_kind="text", num_chars=chars)
 
 
 def detect_format(head: bytes) -> TextFormat | None:
@@ -167,7 +206,7 @@ def sniff_text(path: str | Path, fmt: TextFormat, *, what: str = "file") -> Text
         raise BadInputError("the file has no data rows", field=what)
     return TextDatasetInfo(format=fmt, num_rows=rows, columns=list(columns),
                            value_counts={key: dict(counts.most_common()) for key, counts in values.items()},
-                           first_missing=first_missing)
+                           first_missing=first_missing, lm_kind=lm_kind_of(columns) if fmt == "jsonl" else None)
 
 
 def _label_text(value: Any) -> str | None:

@@ -29,6 +29,7 @@ from service.artifacts import delete_checkpoints
 from service.errors import ServiceError
 from service.files import resolve_file
 from service.ids import new_id
+from service.lm_checks import check_lm_memory, check_lm_student
 from service.models import ACTIVE_STATES, FINISHED_STATES, File, FilePurpose, Job, JobFile, JobState
 from service.queue import enqueue_job
 from service.quota import lock_owner
@@ -68,6 +69,9 @@ def submit_job(
     check_datasets(spec, inputs["teacher"], {role: inputs[role] for role in ("train", "test") if role in inputs})
     check_resources(settings=settings, spec=spec, teacher=inputs["teacher"],
                     datasets={role: inputs[role] for role in ("train", "test") if role in inputs})
+    if spec.task == "causal_lm":
+        check_lm_student(inputs["teacher"], inputs.get("student"))
+        check_lm_memory(spec, inputs["teacher"], inputs.get("student"), resource_limits(settings))
     _check_teacher(
         settings=settings,
         spec=spec,

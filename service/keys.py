@@ -1,6 +1,7 @@
 """Where everything lives in the store: one key layout for inputs, checkpoints and artifacts.
 
     users/<user id>/files/<file id>                        an upload (teacher or dataset)
+    users/<user id>/lm_cache/<key>.safetensors             a causal LM teacher's top-K, by content key
     jobs/<job id>/checkpoints/checkpoint.pt                the latest checkpoint of a running job
     jobs/<job id>/artifacts/attempt-<n>/<name>             what attempt n produced
 
@@ -18,6 +19,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 def upload_key(owner_id: str, file_id: str) -> str:
     return check_key(f"users/{owner_id}/files/{file_id}")
+
+
+def lm_cache_key(owner_id: str, content_key: str) -> str:
+    """One user's teacher top-K cache: shared by that user's jobs of the same content key, never by another's."""
+    return check_key(f"users/{owner_id}/lm_cache/{content_key}.safetensors")
 
 
 def job_prefix(job_id: str) -> str:

@@ -15,6 +15,7 @@ from kdcore.spec import JobSpec, for_task
 from kdcore.tasks import resolve_task
 from kdcore.teacher_sniff import TeacherInfo
 from service.errors import ServiceError
+from service.lm_checks import check_lm_datasets
 from service.models import File
 
 
@@ -33,6 +34,9 @@ def resolve_spec(spec: JobSpec, teacher: File) -> JobSpec:
 
 
 def check_datasets(spec: JobSpec, teacher: File, datasets: dict[str, File]) -> None:
+    if spec.task == "causal_lm":
+        check_lm_datasets(spec, datasets)
+        return
     text_job = spec.task == "text_classification"
     for role, dataset in datasets.items():
         field = f"data.{role}"
@@ -43,6 +47,10 @@ def check_datasets(spec: JobSpec, teacher: File, datasets: dict[str, File]) -> N
         if not text_job and is_text:
             raise ServiceError(422, "teacher_data_mismatch", f"{field} holds text rows but the teacher is an image "
                                "model: text jobs need an hf teacher (a zip of a Hugging Face model folder)",
+                               field=field)
+        if text_job and dataset.info.get("format") == "txt":
+            raise ServiceError(422, "teacher_data_mismatch", f"{field} is plain text (a .txt document, for language "
+                               "models); a text classifier needs rows with a text and a label: .jsonl, .csv or .tsv",
                                field=field)
         if text_job:
             _check_text_fields(spec, dataset.info, field)

@@ -84,6 +84,8 @@ class JobRun:
     tune_phase: str | None = None
     search: dict[str, Any] | None = None
     teacher_cache_key: str | None = None  # the logits a tuned job's runs share
+    owner_id: str | None = None
+    input_sha256: dict[str, str] = field(default_factory=dict)  # role -> the upload's sha256
 
     @cached_property
     def storage(self) -> Storage:

@@ -41,6 +41,7 @@ from service.quota import QuotaExceededError, check_artifacts_fit
 from service.settings import Settings
 from service.state import IllegalTransitionError
 from service.storage import StorageError, StoredObject, check_key
+from worker import lm_cache
 from worker.callbacks import JobCallbacks, TrialCallbacks
 from worker.heartbeat import Heartbeat, stop_on_sigterm
 from worker.job_run import JobRun, Outcome
@@ -50,6 +51,7 @@ from worker.scratch import attempt_prefix
 
 if TYPE_CHECKING:
     from kdcore.pipeline import JobInputs, RunResult
+    from kdcore.spec import JobSpec
 
 logger = logging.getLogger("distillery.worker")
 
@@ -94,10 +96,10 @@ def _claim_and_run(
         if job is None:  # deleted between the claim and this read
             return Outcome.SKIPPED
         rows = session.execute(
-            select(JobFile.role, File.storage_key, File.name).join(File, File.id == JobFile.file_id)
+            select(JobFile.role, File.storage_key, File.name, File.sha256).join(File, File.id == JobFile.file_id)
             .where(JobFile.job_id == job_id)
         ).all()
-        inputs: dict[str, tuple[str, str] | None] = {role: (key, name) for role, key, name in rows}
+        inputs: dict[str, tuple[str, str] | None] = {role: (key, name) for role, key, name, _ in rows}
         job_run = JobRun(
             job_id=job_id,
             worker_id=worker_id,
@@ -107,6 +109,8 @@ def _claim_and_run(
             input_keys=inputs,
             settings=settings,
             session_factory=session_factory,
+            owner_id=job.owner_id,
+            input_sha256={role: sha256 for role, _, _, sha256 in rows},
         )
         _tune_part(session, job, job_run)
     with job_logging(job_id, job_run.attempt):
@@ -232,8 +236,6 @@ def _attempt(job_run: JobRun) -> Outcome:
 
 
 def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
-    from kdcore.errors import KDError
-    from kdcore.pipeline import RunOptions, run_job
     from kdcore.spec import parse_spec
 
     inputs = _download_inputs(job_run, work / "inputs")
@@ -246,6 +248,22 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
     spec = parse_spec(job_run.spec)
     # The operator's cap, not the spec, decides: 64 threads on a 2-core host starve everything else.
     spec = spec.model_copy(update={"threads": capped_threads(job_run.settings, spec.threads)})
+    lent = lm_cache.lend(job_run.storage, spec, owner_id=job_run.owner_id or "", sha256=job_run.input_sha256,
+                         folder=work / "lm_cache") if job_run.owner_id else None
+    try:
+        return _run_engine(job_run, spec, inputs, work, resumable=resumable, teacher_cache=teacher_cache,
+                           lm_cache_dir=lent.folder if lent else None)
+    finally:
+        # Kept even when the job fails later on: its retry, and the owner's next job, skip the teacher.
+        lm_cache.keep(job_run.storage, lent)
+
+
+def _run_engine(job_run: JobRun, spec: JobSpec, inputs: JobInputs, work: Path, *, resumable: bool,
+                teacher_cache: Path | None, lm_cache_dir: Path | None) -> tuple[Path, RunResult]:
+    from kdcore.errors import KDError
+    from kdcore.pipeline import RunOptions, run_job
+
+    checkpoint_dir = work / "checkpoints"
     options = RunOptions(
         out_dir=work / "out",
         checkpoint_dir=checkpoint_dir,
@@ -255,6 +273,7 @@ def _distill(job_run: JobRun, work: Path) -> tuple[Path, RunResult]:
         latency_runs=job_run.settings.latency_runs,
         limits=resource_limits(job_run.settings),
         teacher_cache=teacher_cache,
+        lm_cache_dir=lm_cache_dir,
         job_id=job_run.job_id,
     )
     callbacks = _callbacks(job_run)

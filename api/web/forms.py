@@ -24,7 +24,7 @@ from starlette.datastructures import FormData
 
 from kdcore.architectures import ARCHITECTURES, ArchInfo, list_architectures, validate_arch_args
 from kdcore.errors import SpecError
-from kdcore.spec import JobSpec, for_task, parse_spec
+from kdcore.spec import JobSpec, ResolvedTask, for_task, parse_spec
 
 FieldKind = Literal["text", "number", "select", "checkbox", "checks", "list", "file", "arch", "json"]
 FormValue = str | bool | list[str]
@@ -43,6 +43,15 @@ LABELS = {
     "data.label_field": "Label column",
     "data.max_length": "Max length (tokens)",
     "method.hidden_weight": "Hidden-state weight",
+    "method.divergence": "Divergence",
+    "method.top_k": "Teacher top-k",
+    "method.beta": "JSD beta",
+    "method.max_new_tokens": "Teacher answer length (tokens)",
+    "method.sampling": "Teacher answers by",
+    "data.prompt_field": "Prompt field",
+    "data.completion_field": "Completion field",
+    "data.messages_field": "Messages field",
+    "gradient_checkpointing": "Gradient checkpointing",
     "optim.warmup_ratio": "Warm-up share",
     "teacher.file": "Teacher checkpoint",
     "teacher.format": "Teacher format",
@@ -86,8 +95,9 @@ HELP = {
     "teacher.file": "The trained model to imitate: safetensors or a state_dict (name its architecture), ONNX, or a "
     ".zip of a Hugging Face model folder (text).",
     "data.train": "Training data: .npz (x_train, y_train[, x_test, y_test]) or an ImageFolder .zip; for a text teacher "
-    ".jsonl, .csv or .tsv rows.",
-    "task": "Follows from the teacher: a Hugging Face encoder makes a text classification job.",
+    ".jsonl, .csv or .tsv rows; for a causal LM a .txt file or .jsonl rows (text, prompt + completion, or messages).",
+    "task": "Follows from the teacher: a Hugging Face encoder makes a text classification job, a causal LM "
+    "(...ForCausalLM: GPT-2, Llama, Qwen, ...) a language-model job.",
     "student.file": "Text jobs: start from a pretrained smaller model of the teacher's tokenizer instead (an hf .zip).",
     "stages.baseline": "Also train the same student without a teacher, for as many epochs: the report can then say "
     "what distillation gained. It roughly doubles the student's training time.",
@@ -104,25 +114,34 @@ LAYOUT: list[tuple[str, list[str], list[str]]] = [
     ("Job", ["name", "task"], []),
     ("Teacher", ["teacher.file", "teacher.format", "teacher.arch"], []),
     ("Data", ["data.train", "data.test", "data.text_field", "data.label_field", "data.max_length"],
-     ["data.val_fraction", "data.text_pair_field", "data.normalize.mean", "data.normalize.std", "data.augment",
-      "data.mixup", "data.image_size"]),
+     ["data.val_fraction", "data.text_pair_field", "data.prompt_field", "data.completion_field",
+      "data.messages_field", "data.normalize.mean", "data.normalize.std", "data.augment", "data.mixup",
+      "data.image_size"]),
     ("Student", ["student.arch", "student.init_from_teacher", "student.teacher_layers"], ["student.file"]),
-    ("Distillation", ["method.temperature", "method.alpha", "method.name"], ["method.hidden_weight"]),
+    ("Distillation", ["method.temperature", "method.alpha", "method.name", "method.divergence", "method.top_k"],
+     ["method.hidden_weight", "method.beta", "method.max_new_tokens", "method.sampling"]),
     ("Search", ["tune.find", "tune.trials"], []),
     ("Stages", ["stages.distill_epochs", "stages.teacher_finetune_epochs", "stages.finetune_epochs",
                 "stages.baseline"], ["stages.teacher_check", "stages.select"]),
     ("Training", ["optim.name", "optim.lr", "batch_size", "precision"],
      ["optim.schedule", "optim.weight_decay", "optim.momentum", "optim.warmup_steps", "optim.warmup_ratio",
       "optim.teacher_lr",
-      "optim.grad_clip", "eval_batch_size", "seed", "device", "threads"]),
+      "optim.grad_clip", "eval_batch_size", "seed", "device", "threads", "gradient_checkpointing"]),
     ("Output", ["export", "quantize"], []),
 ]
 OTHER_GROUP = "Other settings"
-# Fields that mean something for one task only; the page shows them when the teacher's task is that one.
-TEXT_ONLY = frozenset({"data.text_field", "data.text_pair_field", "data.label_field", "data.max_length",
-                       "student.teacher_layers", "student.file", "method.hidden_weight"})
-IMAGE_ONLY = frozenset({"teacher.arch", "data.normalize.mean", "data.normalize.std", "data.augment", "data.mixup",
-                        "data.image_size"})
+TASKS: tuple[ResolvedTask, ...] = ("image_classification", "text_classification", "causal_lm")
+_IMAGE, _TEXT, _LM = TASKS
+# Fields that mean something for some tasks only; the page shows them when the teacher's task is one of them.
+ONLY: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("data.text_field", "data.max_length", "student.teacher_layers", "student.file"), (_TEXT, _LM)),
+    **dict.fromkeys(("data.text_pair_field", "data.label_field", "method.hidden_weight"), (_TEXT,)),
+    **dict.fromkeys(("method.divergence", "method.top_k", "method.beta", "method.max_new_tokens", "method.sampling",
+                     "data.prompt_field", "data.completion_field", "data.messages_field", "gradient_checkpointing"),
+                    (_LM,)),
+    **dict.fromkeys(("teacher.arch", "data.normalize.mean", "data.normalize.std", "data.augment", "data.mixup",
+                     "data.image_size"), (_IMAGE,)),
+}
 
 
 @dataclass(frozen=True)
@@ -143,7 +162,8 @@ class FormField:
     owner: str | None = None  # arch fields and arguments: teacher | student
     arch: str | None = None  # arch arguments: the architecture they belong to
     placeholder: str = ""
-    text_default: Any = None  # where a text job's default differs (the page switches to it)
+    # Each task's default, where they differ (the page switches a value still at the old task's default).
+    task_defaults: dict[str, FormValue] | None = None
 
     @property
     def form_default(self) -> FormValue:
@@ -151,12 +171,8 @@ class FormField:
 
     @property
     def only(self) -> str | None:
-        """The one task this field belongs to, if any."""
-        if self.path in TEXT_ONLY:
-            return "text_classification"
-        if self.path in IMAGE_ONLY:
-            return "image_classification"
-        return None
+        """The tasks this field belongs to, space-separated; None for every task."""
+        return " ".join(ONLY[self.path]) if self.path in ONLY else None
 
     @property
     def id(self) -> str:
@@ -324,23 +340,24 @@ def _arch_arg_fields(owner: str, info: ArchInfo) -> list[FormField]:
     return fields
 
 
-def _with_text_defaults(leaves: list[FormField]) -> list[FormField]:
-    """Each field's default in a text job, where `kdcore.spec.for_task` makes it differ from the image one."""
+def _with_task_defaults(leaves: list[FormField]) -> list[FormField]:
+    """Each field's default per task, where `kdcore.spec.for_task` makes them differ from the image one's."""
     from dataclasses import replace
 
     minimal = {"teacher": {"file": "x"}, "data": {"train": "x"}}
-    image = for_task(parse_spec(minimal), "image_classification").model_dump(mode="json")
-    text = for_task(parse_spec(minimal), "text_classification").model_dump(mode="json")
+    resolved = {task: for_task(parse_spec(minimal), task).model_dump(mode="json") for task in TASKS}
     updated = []
     for f in leaves:
-        found_image, image_value = _lookup(image, f.path)
-        found_text, text_value = _lookup(text, f.path)
+        image_value = _lookup(resolved[_IMAGE], f.path)[1]
         if f.path == "student.arch":
             # The schema's None means "the task's default": the form shows what that is.
             names = tuple(option for option in f.options if option is not None)
             f = replace(f, default=image_value, nullable=False, options=names)
-        if found_text and (not found_image or image_value != text_value):
-            f = replace(f, text_default=to_form_value(f, text_value))
+        values = {task: _lookup(spec, f.path) for task, spec in resolved.items()}
+        defaults: dict[str, FormValue] = {task: to_form_value(f, value if found else f.default)
+                                          for task, (found, value) in values.items()}
+        if len({repr(value) for value in defaults.values()}) > 1:
+            f = replace(f, task_defaults=defaults)
         updated.append(f)
     return updated
 
@@ -360,7 +377,7 @@ class SpecForm:
         self.arch_args: dict[tuple[str, str], list[FormField]] = {
             (owner, info.name): _arch_arg_fields(owner, info) for owner in ARCH_OWNERS for info in self.architectures
         }
-        leaves = _with_text_defaults(leaves)
+        leaves = _with_task_defaults(leaves)
         self.fields: list[FormField] = leaves + [f for fs in self.arch_args.values() for f in fs]
         self.by_name = {f.name: f for f in self.fields}
         self.groups = self._layout({f.path: f for f in leaves})

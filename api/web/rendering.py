@@ -96,7 +96,9 @@ def file_label(row: Any) -> str:
     """`blobs.npz · 41.2 kB · 600 train / 200 test, 8×8, 4 classes` for the upload pickers."""
     info = row.info or {}
     parts = [row.name, filesize(row.size)]
-    if row.purpose == "dataset" and info.get("kind") == "text":
+    if row.purpose == "dataset" and info.get("format") == "txt":
+        parts.append(f"text, {info.get('num_rows')} lines")
+    elif row.purpose == "dataset" and info.get("kind") == "text":
         parts.append(f"{info.get('num_rows')} rows, columns {', '.join(info.get('columns') or [])}")
     elif row.purpose == "dataset" and info.get("num_train") is not None:
         shape = "×".join(str(n) for n in info.get("sample_shape") or [])
@@ -106,6 +108,8 @@ def file_label(row: Any) -> str:
     elif row.purpose == "teacher" and info.get("hf"):
         hf = info["hf"]
         head = f", labels {'/'.join(hf['labels'])}" if hf.get("labels") else ", no head"
+        if hf.get("task") == "causal_lm":
+            head = ", causal LM"
         parts.append(f"hf {hf.get('model_type')}, {hf.get('num_layers')} layers{head}")
     elif row.purpose == "teacher" and info.get("format"):
         outputs = f", {info['output_size']} outputs" if info.get("output_size") else ""

@@ -30,7 +30,7 @@ from api.routers import download_headers
 from api.routers.jobs import MAX_EVENT_ID
 from api.schemas import ArtifactOut, FileOut, JobOut
 from api.uploads import receive_file
-from api.web import compare, report
+from api.web import compare, lm_report, report
 from api.web.forms import FILE_FIELDS, FormValues, SpecForm, spec_form
 from api.web.rendering import render, secure
 from api.web.search_chart import search_points
@@ -392,6 +392,7 @@ def _search_context(session: Session, job: Job) -> dict[str, Any]:
 
 def _job_context(session: Session, user: Principal, job: Job) -> dict[str, Any]:
     out = JobOut.of(job)
+    lm = (out.metrics or {}).get("task") == "causal_lm"
     search = _search_context(session, job)
     timeline = load_timeline(session, job.id)
     rows = artifacts.list_artifacts(session=session, job_id=job.id) if job.state == JobState.SUCCEEDED else []
@@ -401,7 +402,9 @@ def _job_context(session: Session, user: Principal, job: Job) -> dict[str, Any]:
         "job": out,
         "timeline": timeline,
         "curves": timeline.points,
-        "comparison": report.comparison(out.metrics) if out.state == JobState.SUCCEEDED else None,
+        # A causal LM's loss is in nats per token and its gain in nats: its own table, not the classifiers'.
+        "comparison": report.comparison(out.metrics) if out.state == JobState.SUCCEEDED and not lm else None,
+        "lm_results": lm_report.lm_results(out.metrics) if out.state == JobState.SUCCEEDED else None,
         "artifacts": [ArtifactOut.of(row) for row in rows],
         "spec_yaml": yaml.safe_dump(out.spec, sort_keys=False, allow_unicode=True),
         "finished": out.state in FINISHED_STATES,

@@ -67,6 +67,13 @@ class Stack:
             engine.dispose()
         return self.api_key
 
+    def use(self, api_key: str) -> None:
+        """Speak as another user from now on (`create_user` returns each key)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self.api_key = api_key
+
     def start_api(self) -> None:
         self.port = free_port()
         self.spawn("api", [sys.executable, "-c", API_MAIN, "api", "--host", "127.0.0.1", "--port", str(self.port)])

@@ -21,7 +21,9 @@
   function fileLabel(file) {
     var info = file.info || {};
     var parts = [file.name, formatSize(file.size)];
-    if (file.purpose === "dataset" && info.kind === "text") {
+    if (file.purpose === "dataset" && info.format === "txt") {
+      parts.push("text, " + info.num_rows + " lines");
+    } else if (file.purpose === "dataset" && info.kind === "text") {
       parts.push(info.num_rows + " rows, columns " + (info.columns || []).join(", "));
     } else if (file.purpose === "dataset" && info.num_train != null) {
       var shape = (info.sample_shape || []).join("×");
@@ -30,7 +32,8 @@
       parts.push(info.num_train + " train" + test + ", " + shape + classes);
     } else if (file.purpose === "teacher" && info.hf) {
       parts.push("hf " + info.hf.model_type + ", " + info.hf.num_layers + " layers" +
-                 (info.hf.labels ? ", labels " + info.hf.labels.join("/") : ", no head"));
+                 (info.hf.task === "causal_lm" ? ", causal LM" :
+                  info.hf.labels ? ", labels " + info.hf.labels.join("/") : ", no head"));
     } else if (file.purpose === "teacher" && info.format) {
       parts.push(info.format + (info.output_size ? ", " + info.output_size + " outputs" : ""));
     }
@@ -117,6 +120,7 @@
       option.setAttribute("data-sha256", file.sha256 || "");
       option.textContent = label;
       if (info.format) option.setAttribute("data-format", info.format);
+      if (info.hf) option.setAttribute("data-task", info.hf.task);
       if (info.columns) option.setAttribute("data-columns", JSON.stringify(info.columns));
       select.insertBefore(option, select.options[1] || null);
       if (wasChosen) select.value = file.id;
@@ -287,25 +291,30 @@
 
   function currentTask() {
     var option = teacher.options[teacher.selectedIndex];
-    if (option && option.getAttribute("data-format") === "hf") return "text_classification";
+    if (option && option.getAttribute("data-format") === "hf") {
+      return option.getAttribute("data-task") || "text_classification";
+    }
     if (task && task.value && task.value !== "auto") return task.value;
     return "image_classification";
+  }
+
+  // `data-only` lists the tasks a field belongs to, space-separated.
+  function showOnly(chosen) {
+    form.querySelectorAll("[data-only]").forEach(function (block) {
+      block.hidden = block.getAttribute("data-only").split(" ").indexOf(chosen) < 0;
+    });
   }
 
   var shown = null;
   function applyTask() {
     var chosen = currentTask();
-    if (task && chosen === "text_classification" && task.value === "image_classification") task.value = "auto";
-    form.querySelectorAll("[data-only]").forEach(function (block) {
-      block.hidden = block.getAttribute("data-only") !== chosen;
-    });
+    if (task && chosen !== "image_classification" && task.value === "image_classification") task.value = "auto";
+    showOnly(chosen);
     if (shown !== null && shown !== chosen) {
-      form.querySelectorAll("[data-text-default]").forEach(function (block) {
-        var text = JSON.parse(block.getAttribute("data-text-default"));
-        var image = JSON.parse(block.getAttribute("data-image-default"));
-        var from = chosen === "text_classification" ? image : text;
-        var to = chosen === "text_classification" ? text : image;
-        if (same(fieldValue(block), from)) setFieldValue(block, to);
+      // A value still at the old task's default moves to the new task's; one the user typed stays.
+      form.querySelectorAll("[data-defaults]").forEach(function (block) {
+        var defaults = JSON.parse(block.getAttribute("data-defaults"));
+        if (same(fieldValue(block), defaults[shown])) setFieldValue(block, defaults[chosen]);
       });
     }
     shown = chosen;
@@ -325,9 +334,7 @@
 
   // The first rendering already holds the values the server chose (a resubmitted text job keeps its own).
   shown = currentTask();
-  form.querySelectorAll("[data-only]").forEach(function (block) {
-    block.hidden = block.getAttribute("data-only") !== shown;
-  });
+  showOnly(shown);
   teacher.addEventListener("change", applyTask);
   if (task) task.addEventListener("change", applyTask);
   if (train) train.addEventListener("change", listColumns);
