@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 from service.errors import ServiceError
 
@@ -123,9 +123,14 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    allowed = []
-    for method in _METHODS:
-        scope = {**request.scope, "method": method}
-        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
-            allowed.append(method)
-    return allowed
+    """The methods the OpenAPI schema declares for the request's path. A literal path
+    (/v1/files/by-reference) is its own resource: the methods of a parameterised sibling that also
+    matches it (GET /v1/files/{file_id}) are not announced for it."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    path = request.scope["path"]
+    matching = [template for template in paths if compile_path(template)[0].match(path)]
+    chosen = [template for template in matching if "{" not in template] or matching
+    declared = {method.upper() for template in chosen for method in paths[template]}
+    if "GET" in declared:
+        declared.add("HEAD")
+    return [method for method in _METHODS if method in declared]

@@ -24,7 +24,7 @@ class ReferenceIn(BaseModel):
 
 
 @router.post("/by-reference", status_code=201, response_model=FileOut, summary="Add a file from the cluster's storage",
-             responses=errors(413, 422, 429), dependencies=[Depends(rate_limited("uploads", current_user))])
+             responses=errors(400, 413, 422, 429), dependencies=[Depends(rate_limited("uploads", current_user))])
 async def create_file_by_reference(body: ReferenceIn, response: Response, user: CurrentUser, session: SessionDep,
                                    settings: SettingsDep, storage: StorageDep) -> FileOut:
     """The server copies the file in and checks it as any upload (size limit, quota, format); nothing

@@ -49,7 +49,7 @@ Offset = Annotated[int, Header(alias="Upload-Offset", ge=0, description="Where t
 
 
 @router.post("", status_code=201, response_model=UploadOut, summary="Start a resumable upload",
-             responses=errors(413, 422, 429), dependencies=[Depends(rate_limited("uploads", current_user))])
+             responses=errors(400, 413, 422, 429), dependencies=[Depends(rate_limited("uploads", current_user))])
 def create_upload(body: UploadCreate, response: Response, user: CurrentUser, session: SessionDep,
                   settings: SettingsDep) -> UploadOut:
     """For files too big to send in one request: declare the size, then PATCH the bytes in parts. The whole

@@ -128,8 +128,12 @@ class Stack:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def log_tails(self, lines: int = 40) -> str:
-        return "\n".join(f"----- {name}.log -----\n" + "\n".join(self.log(name).splitlines()[-lines:])
-                         for name in self.processes)
+        # The polling GETs would push every line worth reading out of the tail.
+        def tail(name: str) -> str:
+            kept = [line for line in self.log(name).splitlines() if "distillery.access GET" not in line]
+            return "\n".join(kept[-lines:])
+
+        return "\n".join(f"----- {name}.log -----\n{tail(name)}" for name in self.processes)
 
     def wait_for_log(self, name: str, text: str, *, timeout: float = 60) -> None:
         def found() -> bool:

@@ -34,7 +34,7 @@ def test_tuned_job_trials_run_in_parallel_and_survive_a_sigkilled_worker(cluster
 
     both_running = wait_until(
         lambda: (trials := [t for t in _trials(cluster, job_id) if t["state"] == "running"]) and len(trials) >= 2
-        and trials, timeout=120, what="two trials running at once", on_timeout=cluster.log_tails)
+        and trials, timeout=300, what="two trials running at once", on_timeout=cluster.log_tails)
     victim_trial = cluster.job(both_running[0]["job_id"])
     cluster.wait_for_epoch(victim_trial["id"], 2)
     victim = _worker_running(cluster, victim_trial)

@@ -149,14 +149,16 @@ def test_trials_count_against_the_owners_job_limit(service: Service) -> None:
 
 def test_budget_driven_search_never_picks_a_student_over_its_latency_budget(service: Service) -> None:
     budget_ms = 0.5
-    space = {"student.arch_args.hidden": [[4], [2048, 2048], [16]]}
+    # The big student reads 128 MiB of weights per sample: milliseconds on any CPU, even one whose
+    # caches and AMX units make a 2048-wide MLP a quarter of a millisecond.
+    space = {"student.arch_args.hidden": [[4], [4096, 4096, 4096], [16]]}
     parent_id = service.submit(epochs=2, tune={"trials": 3, "space": space, "budget": 1.0, "prune": False,
                                                 "objective": {"max_latency_ms": budget_ms}})
     assert run(parent_id, service.settings) == Outcome.SEARCHING
     assert _run_queued_trials(service, parent_id) == [Outcome.SUCCEEDED] * 3
 
     trials = {json.dumps(t.trial["params"]["student.arch_args.hidden"]): t.trial for t in _trials(service, parent_id)}
-    big = trials["[2048, 2048]"]
+    big = trials["[4096, 4096, 4096]"]
     assert big["latency_ms"] > budget_ms and big["feasible"] is False  # measured over the budget
     parent = service.job(parent_id)
     chosen = trials[json.dumps(parent.tune["best"]["student.arch_args.hidden"])]
