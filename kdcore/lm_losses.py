@@ -113,11 +113,17 @@ def _chunk_terms(hidden: torch.Tensor, labels: torch.Tensor, teacher_states: tor
                  head: Head, teacher_head: Head | None,
                  settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = head(hidden).float()[:, :settings.vocab]
-    hard = F.cross_entropy(logits, labels, reduction="sum")
     correct = (logits.detach().argmax(-1) == labels).sum()
     if teacher_states is None and top_ids is None:
+        hard = F.cross_entropy(logits, labels, reduction="sum")
         return hard.new_zeros(()), hard, correct
-    student = F.log_softmax(logits / settings.temperature, dim=-1)
+    if settings.temperature == 1:
+        # The cross-entropy's own log-probabilities: one log-softmax over the vocabulary, not two.
+        student = F.log_softmax(logits, dim=-1)
+        hard = F.nll_loss(student, labels, reduction="sum")
+    else:
+        student = F.log_softmax(logits / settings.temperature, dim=-1)
+        hard = F.cross_entropy(logits, labels, reduction="sum")
     if top_ids is not None:
         assert top_log_probs is not None and top_tail is not None
         teacher, student = bucket_log_probs(student, TopK(top_log_probs, top_ids, top_tail), settings.temperature)
@@ -159,8 +165,10 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Head, settings: Lo
         top = target if isinstance(target, TopK) else None
         args = (hidden[start:end], labels[start:end], full, top.log_probs if top else None, top.ids if top else None,
                 top.tail if top else None, head, teacher_head, settings)
-        if hidden.requires_grad:
-            # Recomputed in backward: only the hidden chunk is kept, never its logits.
+        if hidden.requires_grad and count > chunk:
+            # Recomputed in backward: only the hidden chunk is kept, never its logits. With one chunk
+            # there is nothing to gain (its logits live until its backward either way, which comes
+            # right after), and the recomputation would cost a second pass of both heads.
             soft, hard, right = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             soft, hard, right = _chunk_terms(*args)
