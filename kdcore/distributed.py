@@ -1,4 +1,4 @@
-"""One job on several processes of one node: PyTorch's elastic launcher, DDP, gloo on CPUs, NCCL on GPUs.
+"""One job on several processes of one node: PyTorch's elastic launcher, DDP or FSDP2, gloo on CPUs, NCCL on GPUs.
 
 `distillery distill` (and the worker, through it) re-runs itself under `torch.distributed.run` when
 the spec asks for `distributed.nproc > 1`; every rank then joins the group `torchrun` describes in its
@@ -35,10 +35,16 @@ class Group:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    strategy: str = "ddp"  # distributed.strategy: ddp replicates the trained model, fsdp shards it
 
     @property
     def active(self) -> bool:
         return self.world > 1
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: every forward of a trained model is a collective, so the ranks must run every batch together."""
+        return self.active and self.strategy == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -76,12 +82,22 @@ class Group:
         return bool(value.item())
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """What the loop trains: `model` itself alone; under DDP a replica wrapper; under FSDP `model`, sharded
+        in place (its parameters become shards, so the optimiser must be built after this)."""
         if not self.active:
             return model
+        if self.sharded:
+            from kdcore.sharding import shard_model
+
+            return shard_model(model)
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" and device.index is not None else None
         return DistributedDataParallel(model, device_ids=device_ids)
+
+    def slice_width(self, total: int) -> int:
+        """The most rows any rank's slice of `total` has (`gather_rows`): what a rank in lockstep pads to."""
+        return -(-total // self.world)
 
     def gather_rows(self, compute: Callable[[int, int], torch.Tensor], total: int) -> torch.Tensor:
         """`compute(start, end)` on this rank's contiguous slice of `total` rows, the slices joined on every rank.
@@ -117,11 +133,15 @@ def join(spec: DistributedSpec, device: torch.device) -> Group:
     if world != spec.nproc:
         raise KDError(f"this rank was launched in a group of {world}, the spec asks for {spec.nproc}",
                       field="distributed.nproc", code="bad_input")
+    if device.type == "cuda":
+        # FSDP (and NCCL) allocate on the current device: each rank's must be its own GPU, not cuda:0.
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # The timeout turns a rank stuck in a collective (its peer died or hangs) into an error, not a hang.
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=spec.timeout_s))
-    return Group(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]))
+    return Group(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]),
+                 strategy=spec.strategy)
 
 
 def leave(group: Group) -> None:

@@ -290,9 +290,19 @@ def copy_teacher_layers(teacher: nn.Module, student: nn.Module, layers: list[int
             source = _teacher_name(name, prefix, sources)
             if source is None or source not in teacher_state or teacher_state[source].shape != tensor.shape:
                 continue
-            tensor.copy_(teacher_state[source])
+            tensor.copy_(_whole(teacher_state[source]))
             copied += tensor.numel()
     return copied
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A teacher fine-tuned under fsdp holds shards (DTensors): gather the whole tensor to copy it.
+
+    A collective, but every rank builds the student the same way, so they gather the same tensors in turn.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _teacher_name(name: str, prefix: str, sources: dict[str, str]) -> str | None:

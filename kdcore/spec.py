@@ -284,20 +284,18 @@ class DistributedSpec(_Strict):
     nproc: int = Field(default=1, ge=1, le=64, description="Processes: one per GPU on a GPU node; on a CPU, "
                        "gloo processes sharing its cores.")
     strategy: Literal["ddp", "fsdp"] = Field(
-        default="ddp", description="ddp: every rank holds the whole student (any model); fsdp: hf models sharded."
+        default="ddp", description="ddp: every rank holds the whole student (any model, image or text); fsdp: "
+        "text jobs' hf students sharded across the ranks (FSDP2, one unit per transformer layer), checkpoints "
+        "through torch.distributed.checkpoint, resumable on any nproc."
     )
     timeout_s: float = Field(default=300.0, ge=10, le=86400, description="A collective waiting longer fails the "
                              "job: a stuck rank is a clear error, never a hang.")
     max_restarts: int = Field(default=1, ge=0, le=10, description="When a rank dies the group restarts from the "
                               "last checkpoint, this many times (all within one attempt).")
-
-    @model_validator(mode="after")
-    def _strategy_available(self) -> DistributedSpec:
-        if self.strategy == "fsdp":
-            raise PydanticCustomError("distributed", "{message}", {
-                "field": "distributed.strategy",
-                "message": "fsdp is not available yet: use ddp (every rank holds the whole student)"})
-        return self
+    replicate_teacher_mb: float = Field(default=2048.0, ge=0, le=10_000_000, description="fsdp: a frozen teacher "
+                                        "whose weights take more than this in bf16 (2 bytes a parameter) is sharded "
+                                        "like the student; a smaller one is replicated on every rank (no gather per "
+                                        "step). 0 always shards it.")
 
 
 class TuneObjective(_Strict):

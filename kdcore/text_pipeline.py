@@ -19,8 +19,9 @@ from torch import nn
 from kdcore import export as image_export
 from kdcore import text_export
 from kdcore.architectures import HFArgs, TextBiLSTMArgs
-from kdcore.callbacks import Callbacks
+from kdcore.callbacks import Callbacks, CancelOnly
 from kdcore.checkpoint import Checkpointer, RunState
+from kdcore.distributed import Group, join, leave, rank_device
 from kdcore.errors import KDError
 from kdcore.evaluate import (
     agreement,
@@ -56,8 +57,27 @@ from kdcore.pipeline import (
     steps_done,
     write_reports,
 )
-from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
+from kdcore.runtime import (
+    Runtime,
+    default_threads,
+    make_runtime,
+    precision_warning,
+    restore_rng,
+    seed_everything,
+    set_threads,
+)
 from kdcore.selection import restore_best
+from kdcore.sharding import (
+    full_weights,
+    has_sharded,
+    is_sharded,
+    load_sharded,
+    remove_stale,
+    shard_model,
+    teacher_bytes_bf16,
+    teacher_should_shard,
+    unshard,
+)
 from kdcore.significance import gain_over_baseline
 from kdcore.spec import JobSpec
 from kdcore.teacher import Teacher
@@ -72,20 +92,29 @@ DISAGREEMENTS_SHOWN = 8
 
 
 def run_text_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks) -> RunResult:
-    set_threads(spec.threads)
-    runtime = make_runtime(spec.device, spec.precision)
+    runtime = make_runtime(rank_device(spec.device), spec.precision)
+    if spec.distributed.strategy == "fsdp" and spec.distributed.nproc > 1 and spec.student.arch != "hf":
+        raise KDError(f"fsdp shards transformer students; a {spec.student.arch} student trains with strategy ddp",
+                      field="distributed.strategy", code="bad_input")
+    group = join(spec.distributed, runtime.device)
+    set_threads(rank_threads(spec, group, runtime))
+    if not group.is_main:
+        # One voice: rank 0 reports progress and writes the checkpoint file, artifacts and the report.
+        callbacks = CancelOnly(callbacks)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     if (warning := precision_warning(runtime)) is not None:
         callbacks.on_log(f"warning: {warning}")
-    scratch = options.out_dir / "hf"
+    # Each rank unpacks the hf zips into its own folder: two ranks writing one file would race.
+    scratch = options.out_dir / (f"hf-rank{group.rank}" if group.active else "hf")
     try:
-        return _run(spec, inputs, options, callbacks, runtime, scratch)
+        return _run(spec, inputs, options, callbacks, runtime, scratch, group)
     finally:
+        leave(group)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks, runtime: Runtime,
-         scratch: Path) -> RunResult:
+         scratch: Path, group: Group) -> RunResult:
     announce(callbacks, "check")
     seed_everything(spec.seed)
     folder = unpack_hf_zip(inputs.teacher, scratch / "teacher", field="teacher.file")
@@ -119,11 +148,12 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
         callbacks.on_log(f"resuming from the checkpoint after {state.stage} epoch {state.epoch}")
         callbacks.on_resume(state.stage, state.epoch)
 
+    # Every rank gets the checkpointer: under fsdp each writes its shards; checkpoint.pt is rank 0's alone.
     trainer = Trainer(
         runtime=runtime, optim=spec.optim, train=train, val=val, batch_size=spec.batch_size,
         eval_batch_size=spec.eval_batch_size, seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
         tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
-        select=spec.stages.select,
+        select=spec.stages.select, group=group,
     )
     trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
     trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
@@ -131,6 +161,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     models: dict[str, nn.Module] = {"teacher": teacher_model}
     if "teacher" in state.models:
         teacher_model.load_state_dict(state.models["teacher"])
+    _load_shards(["teacher"], models, state, trainer, runtime)
     student_plan: StudentPlan | None = None
     if state.rng is not None:
         restore_rng(state.rng)
@@ -138,6 +169,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
         if stage.model_key != "teacher" and student_plan is None:
             # Built after the teacher's fine-tune: the layer copy takes the adapted teacher.
             student_plan = _students(spec, inputs, folder, tokenizer, teacher_model, data, scratch, state, models)
+            _load_shards(["student", "baseline"], models, state, trainer, runtime)
             if state.rng is not None and _checkpointed_after_students(state, stages):
                 # Building a student reseeds the global RNG; a checkpoint taken later holds the stream to go on with.
                 restore_rng(state.rng)
@@ -149,7 +181,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
             trainer.fit(stage, model, cross_entropy_loss, state)
         elif stage.name == "distill":
             teacher_model.eval().requires_grad_(False)
-            targets, loss = _distill_setup(spec, teacher_model, model, train, runtime, callbacks)
+            targets, loss = _distill_setup(spec, teacher_model, model, train, runtime, callbacks, group)
             trainer.fit(stage, model, loss, state, teacher_targets=targets)
             _stop_capturing(teacher_model, model)
         else:
@@ -158,11 +190,18 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     if student_plan is None:  # no student stage ran (cannot happen: the spec requires one), kept total
         student_plan = _students(spec, inputs, folder, tokenizer, teacher_model, data, scratch, state, models)
 
+    teacher_layout = "sharded" if is_sharded(models["teacher"]) else "replicated"
+    _gather_models(models, runtime, group)
+    leave(group)  # training was the group's work; evaluation, exports and the report are rank 0's
+    if not group.is_main:
+        return RunResult(metrics={}, resumed_from=resumed_from)
     selected = restore_best(state.info, models) if spec.stages.select == "best_val" else {}
 
     announce(callbacks, "evaluate", fraction=1.0)
     metrics = _evaluate(spec, data, models, student_plan, pad_id, runtime, options, state)
     metrics["selected_epochs"] = selected
+    if group.active:
+        metrics["distributed"] = _distributed_metrics(spec, group, runtime, teacher_layout)
     if teacher_check is not None:
         metrics["teacher_check"] = teacher_check
         if not teacher_check["passed"]:
@@ -174,7 +213,52 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     artifacts += write_reports(spec, source, metrics, state, options)
     if not options.keep_checkpoint:
         checkpointer.clear()
+        remove_stale(checkpointer.directory, None)
     return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
+
+
+def rank_threads(spec: JobSpec, group: Group, runtime: Runtime) -> int | None:
+    """CPU ranks split the cores between them unless the spec says otherwise: oversubscribed ranks crawl."""
+    if spec.threads is not None or not group.active or runtime.device.type != "cpu":
+        return spec.threads
+    return max(1, default_threads() // group.world)
+
+
+def _distributed_metrics(spec: JobSpec, group: Group, runtime: Runtime, teacher_layout: str) -> dict[str, Any]:
+    figures: dict[str, Any] = {"world_size": group.world, "strategy": spec.distributed.strategy,
+                               "global_batch": spec.batch_size, "per_rank_batch": spec.batch_size / group.world,
+                               "backend": "nccl" if runtime.device.type == "cuda" else "gloo"}
+    if group.sharded:
+        figures["teacher"] = teacher_layout
+    return figures
+
+
+def _load_shards(keys: list[str], models: dict[str, nn.Module], state: RunState, trainer: Trainer,
+                 runtime: Runtime) -> None:
+    """Models whose weights a DCP checkpoint holds (an fsdp run's): read them, resharded for this group.
+
+    Under fsdp they are sharded first and the trainer checkpoints them from now on; on a plain group
+    (one process, or ddp) their weights also go into `state.models`, so the next plain checkpoint is whole.
+    """
+    directory = trainer.checkpointer.directory if trainer.checkpointer is not None else None
+    for key in keys:
+        if directory is None or not has_sharded(state.info, key):
+            continue
+        model = models[key].to(runtime.device)
+        if trainer.group.sharded:
+            trainer.sharded_models[key] = shard_model(model)
+        load_sharded(directory, state.info, key, model)
+        if not trainer.group.sharded:
+            state.models[key] = full_weights(model)
+
+
+def _gather_models(models: dict[str, nn.Module], runtime: Runtime, group: Group) -> None:
+    """After training: rank 0 gets a plain copy of every sharded model (a collective, on every rank)."""
+    for key in sorted(models):
+        if is_sharded(models[key]):
+            plain = unshard(models[key], runtime.device, is_main=group.is_main)
+            if plain is not None:
+                models[key] = plain
 
 
 def _checkpointed_after_students(state: RunState, stages: list[Stage]) -> bool:
@@ -264,14 +348,42 @@ def _stop_capturing(*models: nn.Module) -> None:
 
 
 def _distill_setup(spec: JobSpec, teacher: TextClassifier, student: nn.Module, train: TokenBatches,
-                   runtime: Runtime, callbacks: Callbacks) -> tuple[Any, LossFn]:
+                   runtime: Runtime, callbacks: Callbacks, group: Group) -> tuple[Any, LossFn]:
+    if group.sharded and not is_sharded(teacher) and teacher_should_shard(teacher,
+                                                                        spec.distributed.replicate_teacher_mb):
+        callbacks.on_log(f"the teacher's {teacher_bytes_bf16(teacher) / 2**20:.0f} MB (bf16) exceed "
+                         f"distributed.replicate_teacher_mb: it is sharded across the {group.world} ranks")
+        shard_model(teacher.to(runtime.device))
     if spec.method.name != "kd_hidden":
         announce(callbacks, "teacher_cache")
-        # One pass in fp32 whatever the job's precision: bf16 would round every cached logit.
-        logits = predict_text_logits(teacher, train, runtime, spec.eval_batch_size, precision="fp32")
-        cache = TeacherLogitsCache.from_logits(logits, runtime)
+        logits = group.gather_rows(lambda start, end: _teacher_rows(teacher, train, start, end, spec.eval_batch_size,
+                                                                    runtime, group), len(train))
+        cache = TeacherLogitsCache.from_logits(logits.to(runtime.device), runtime)
         return cache, build_distill_loss(spec.method)
     return LiveTeacher(teacher, runtime), _hidden_loss(spec, teacher, student)
+
+
+def _teacher_rows(teacher: TextClassifier, train: TokenBatches, start: int, end: int, batch_size: int,
+                  runtime: Runtime, group: Group) -> torch.Tensor:
+    """The teacher's logits on training rows start..end, this rank's slice of the one cache pass.
+
+    One pass in fp32 whatever the job's precision: bf16 would round every cached logit. A sharded
+    teacher's forward is a collective, so every rank then runs as many batches: a shorter slice
+    repeats its last row up to the longest slice's length, and the extra logits are dropped.
+    """
+    rows = torch.arange(start, end)
+    if is_sharded(teacher):
+        width = group.slice_width(len(train))
+        rows = torch.cat([rows, rows[-1:].expand(width - len(rows)) if len(rows) else torch.zeros(width,
+                                                                                                 dtype=torch.long)])
+    fp32 = Runtime(device=runtime.device, precision="fp32")
+    outputs = [torch.empty(0, teacher.model.config.num_labels)]
+    with torch.inference_mode():
+        teacher.eval()
+        for first in range(0, len(rows), batch_size):
+            with fp32.autocast():
+                outputs.append(teacher(train.collate(rows[first:first + batch_size])).float().cpu())
+    return torch.cat(outputs)[: end - start]
 
 
 def _hidden_loss(spec: JobSpec, teacher: TextClassifier, student: nn.Module) -> LossFn:

@@ -7,6 +7,7 @@ are padded per batch. Either way the loop never waits on a Python data loader.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcore import sharding
 from kdcore.batches import Augment, Batches, DeviceData, ImageBatches, steps_per_epoch
 from kdcore.callbacks import Callbacks, Progress
 from kdcore.checkpoint import Checkpointer, RunState
@@ -26,7 +28,8 @@ from kdcore.errors import CancelledError, TrainingDivergedError
 from kdcore.losses import LossFn
 from kdcore.mixup import Mixup, hard_labels
 from kdcore.runtime import Runtime, capture_rng
-from kdcore.selection import remember_if_best
+from kdcore.selection import SELECTED_MODELS, remember_if_best
+from kdcore.sharding import Weights, full_weights
 from kdcore.spec import OptimSpec
 
 # Teacher targets for a batch: (sample indices, model inputs) -> teacher logits.
@@ -133,6 +136,9 @@ class Trainer:
         self.tracker = tracker
         self.progress_interval_s = progress_interval_s
         self.steps_per_epoch = self.train.steps_per_epoch(batch_size)
+        # fsdp: the models this group has sharded (filled as stages shard them, or by a resume): every
+        # checkpoint holds all of them, since a sharded model's weights live nowhere else.
+        self.sharded_models: dict[str, nn.Module] = {}
 
     def fit(
         self,
@@ -144,17 +150,20 @@ class Trainer:
         teacher_targets: TeacherTargets | None = None,
     ) -> None:
         """Train `model` for the stage's epochs, continuing from `state` if it ended inside this stage."""
+        # DDP averages the gradients of the ranks' replicas and `model` itself is what is validated and
+        # saved; FSDP shards `model` in place, so its optimiser must see the shards: wrap first.
+        trained = self.group.wrap(model, self.runtime.device)
+        if self.group.sharded:
+            self.sharded_models[stage.model_key] = model
         optimizer = build_optimizer(self.optim, model, stage.lr)
         scheduler = build_scheduler(self.optim, optimizer, stage.epochs * self.steps_per_epoch)
         shuffle_rng = torch.Generator().manual_seed(self.seed * 1_000_003 + stage.index)
         start_epoch = 0
         if state.stage == stage.name:
-            start_epoch = self._restore(state, optimizer, scheduler, shuffle_rng)
+            start_epoch = self._restore(state, optimizer, scheduler, shuffle_rng, stage=stage, model=model)
         scaler = torch.amp.GradScaler("cuda") if self.runtime.needs_grad_scaler else None
         self.callbacks.on_stage_start(stage.name, stage.epochs)
 
-        # DDP averages the gradients of the ranks' replicas; `model` itself is what is validated and saved.
-        trained = self.group.wrap(model, self.runtime.device)
         for epoch in range(start_epoch, stage.epochs):
             started = time.monotonic()
             train_metrics = self._train_epoch(stage, epoch, model, trained, loss_fn, optimizer, scheduler, scaler,
@@ -164,7 +173,7 @@ class Trainer:
                        "train_time_s": train_time_s, "epoch_time_s": time.monotonic() - started}
             state.history.append({"stage": stage.name, "epoch": epoch + 1, **metrics})
             if self.select == "best_val":
-                remember_if_best(state.info, stage.model_key, stage.name, epoch + 1, model, metrics)
+                self._remember_if_best(state, stage, epoch + 1, model, metrics)
             self._checkpoint(state, stage, epoch + 1, model, optimizer, scheduler, shuffle_rng)
             self.callbacks.on_epoch_end(self._progress(stage, epoch + 1, self.steps_per_epoch, metrics))
 
@@ -254,10 +263,16 @@ class Trainer:
         loss_sum, correct = 0.0, 0
         with torch.inference_mode():
             for position, (inputs, labels) in enumerate(self.val.eval_batches(self.eval_batch_size)):
-                if not self.group.owns(position):
+                if self.group.sharded:
+                    # A sharded forward is a collective: every rank runs every batch, on its share of the rows.
+                    rows, weight = self.group.share(len(labels))
+                    inputs, labels = _take_rows(inputs, rows), labels[rows]
+                    if not weight:
+                        labels = labels[:0]
+                elif not self.group.owns(position):
                     continue
                 with self.runtime.autocast():
-                    logits = model(inputs).float()
+                    logits = model(inputs).float()[: len(labels)]
                 loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
                 correct += int((logits.argmax(dim=1) == labels).sum().item())
         totals = self.group.sum_(torch.tensor([loss_sum, float(correct)], dtype=torch.float64,
@@ -281,21 +296,55 @@ class Trainer:
         return Progress(stage=stage.name, epoch=epoch, epochs=stage.epochs, step=step, steps=self.steps_per_epoch,
                         fraction=self.tracker.fraction(), eta_s=self.tracker.eta_s(), metrics=metrics)
 
+    def _remember_if_best(self, state: RunState, stage: Stage, epoch: int, model: nn.Module,
+                          metrics: dict[str, float]) -> None:
+        if not self.group.sharded:
+            remember_if_best(state.info, stage.model_key, stage.name, epoch, model, metrics)
+            return
+        if stage.model_key not in SELECTED_MODELS or "val_accuracy" not in metrics:
+            return
+        # Every rank takes part in the gather (a collective); rank 0 receives the weights it may keep.
+        remember_if_best(state.info, stage.model_key, stage.name, epoch, Weights(full_weights(model)), metrics)
+
     def _checkpoint(self, state: RunState, stage: Stage, epoch: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                     shuffle_rng: torch.Generator) -> None:
         state.stage, state.epoch = stage.name, epoch
-        state.models[stage.model_key] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        state.optimizer = optimizer.state_dict()
+        if self.group.sharded:
+            self._save_shards(state, stage, epoch, optimizer)
+        else:
+            state.models[stage.model_key] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state.optimizer = optimizer.state_dict()
+            # From here on the plain checkpoint holds every model (a resume on one process put the
+            # sharded ones into `state.models`): the DCP folder it came from is not read again.
+            state.info.pop(sharding.INFO_KEY, None)
         state.scheduler = scheduler.state_dict()
         state.rng = capture_rng()
         state.shuffle_rng = shuffle_rng.get_state()
-        if self.checkpointer is not None:
+        if self.checkpointer is not None and self.group.is_main:
             self.callbacks.on_checkpoint(self.checkpointer.save(state))
+            # Only now that checkpoint.pt points at the new DCP folder (or at none) may the older ones go.
+            sharding.remove_stale(self.checkpointer.directory, state.info.get(sharding.INFO_KEY, {}).get("dir"))
+
+    def _save_shards(self, state: RunState, stage: Stage, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """fsdp: every rank writes its shards (DCP); checkpoint.pt, written by rank 0 after, points at them."""
+        if self.checkpointer is None:
+            raise ValueError("an fsdp run checkpoints on every rank: give every rank the checkpointer")
+        state.info[sharding.INFO_KEY] = sharding.save_sharded(
+            self.checkpointer.directory, f"{stage.name}-{epoch}", self.sharded_models, stage.model_key, optimizer)
+        for key in self.sharded_models:
+            state.models.pop(key, None)  # their weights are in the DCP folder, not in checkpoint.pt
+        state.optimizer = None
 
     def _restore(self, state: RunState, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LambdaLR, shuffle_rng: torch.Generator) -> int:
-        if state.optimizer is not None:
+                 scheduler: torch.optim.lr_scheduler.LambdaLR, shuffle_rng: torch.Generator, *,
+                 stage: Stage | None = None, model: nn.Module | None = None) -> int:
+        record = state.info.get(sharding.INFO_KEY)
+        if (record is not None and stage is not None and model is not None and self.checkpointer is not None
+                and record.get("optimizer") == stage.model_key):
+            # A DCP checkpoint, written by any number of ranks, read by this group (sharded or plain).
+            sharding.load_sharded(self.checkpointer.directory, state.info, stage.model_key, model, optimizer)
+        elif state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         if state.scheduler is not None:
             scheduler.load_state_dict(state.scheduler)
@@ -305,9 +354,13 @@ class Trainer:
 
 
 def _take_rows(inputs: Any, rows: slice) -> Any:
-    """The rows of a batch's model inputs: a tensor, or a mapping of tensors (token ids, attention mask)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[rows]
+    """The rows of a batch's model inputs: a tensor, a dataclass of tensors (a TokenBatch: ids, mask, type ids;
+    a field may be None) or a mapping of tensors."""
+    if inputs is None or isinstance(inputs, torch.Tensor):
+        return inputs if inputs is None else inputs[rows]
+    if dataclasses.is_dataclass(inputs) and not isinstance(inputs, type):
+        return dataclasses.replace(inputs, **{item.name: _take_rows(getattr(inputs, item.name), rows)
+                                              for item in dataclasses.fields(inputs)})
     return type(inputs)({key: _take_rows(value, rows) for key, value in inputs.items()})
 
 

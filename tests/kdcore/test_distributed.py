@@ -7,6 +7,7 @@ the agent's restarts are PyTorch's own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,6 +100,28 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def kill_job(process: subprocess.Popen[str]) -> None:
+    """SIGKILL the launcher, its agent and every rank at once, as a lost machine would.
+
+    The elastic agent starts each rank in a session of its own, so killing the launcher's process group
+    leaves the ranks running (they would finish the job behind the test's back): they are found first.
+    """
+    ranks = _descendants(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    _wait_for(lambda: not any(_alive(pid) for pid in ranks), 30, "the ranks to die")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _rank_pid(launcher: int, rank: int) -> int | None:
     for pid in _descendants(launcher):
         try:
@@ -157,8 +180,7 @@ def test_a_distributed_checkpoint_resumes_on_one_process(files: dict[str, Path],
     out = tmp_path / "out"
     process = _distill(_spec(tmp_path, files["big_teacher"], files["big"], nproc=2, epochs=12, batch_size=64), out)
     _wait_for(lambda: (out / "checkpoints" / "checkpoint.pt").exists(), 180, "the first checkpoint")
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher, its agent and both ranks, at once
-    process.wait(timeout=30)
+    kill_job(process)
     assert not (out / "metrics.json").exists()
 
     output = _finish(_distill(_spec(tmp_path, files["big_teacher"], files["big"], nproc=1, epochs=12,
@@ -231,7 +253,7 @@ def test_a_group_shares_each_global_batch_with_weights_that_keep_its_mean() -> N
 
 
 @pytest.mark.parametrize(("distributed", "extra", "field", "words"), [
-    ({"nproc": 2, "strategy": "fsdp"}, {}, "distributed.strategy", "fsdp is not available yet"),
+    ({"nproc": 2, "replicate_teacher_mb": -1}, {}, "distributed.replicate_teacher_mb", "greater than or equal to 0"),
     ({"nproc": 4}, {"batch_size": 2}, "batch_size", "smaller than distributed.nproc (4)"),
     ({"nproc": 0}, {}, "distributed.nproc", "greater than or equal to 1"),
 ])
@@ -243,3 +265,21 @@ def test_distributed_fields_are_checked(distributed: dict[str, Any], extra: dict
         JobSpec.model_validate({"teacher": {"file": "t"}, "data": {"train": "d"}, "distributed": distributed, **extra})
     errors = validation_errors(caught.value)
     assert errors[0]["field"] == field and words in errors[0]["message"], errors
+
+
+def test_fsdp_is_a_strategy_of_the_spec() -> None:
+    spec = JobSpec.model_validate({"teacher": {"file": "t"}, "data": {"train": "d"},
+                                   "distributed": {"nproc": 2, "strategy": "fsdp"}})
+    assert spec.distributed.strategy == "fsdp" and spec.distributed.replicate_teacher_mb == 2048
+
+
+def test_fsdp_for_an_image_job_is_refused_before_anything_starts(files: dict[str, Path], tmp_path: Path) -> None:
+    from kdcore.errors import KDError
+    from kdcore.pipeline import JobInputs, RunOptions, run_job
+    from kdcore.spec import parse_spec
+
+    spec = parse_spec(json.loads(_spec(tmp_path, files["teacher"], files["data"], nproc=2,
+                                       distributed={"nproc": 2, "strategy": "fsdp"}).read_text()))
+    with pytest.raises(KDError) as caught:
+        run_job(spec, JobInputs(teacher=files["teacher"], train=files["data"]), RunOptions(out_dir=tmp_path / "out"))
+    assert caught.value.field == "distributed.strategy" and "strategy ddp" in str(caught.value)
