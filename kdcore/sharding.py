@@ -185,6 +185,21 @@ def load_sharded(checkpoints: Path, info: Mapping[str, Any], key: str, model: nn
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """A plain `optimizer.state_dict()` (every rank has read the whole of it) into the optimiser of a sharded model.
+
+    The plain one numbers the parameters in the order `build_optimizer` took them; FSDP keeps their
+    names, so the numbers become names and each rank keeps its shard of every state tensor.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    named: dict[str, Any] = {"state": {names[index]: value for index, value in saved["state"].items()},
+             "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
+                              for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
 def remove_stale(checkpoints: Path, keep: str | None) -> None:
     """Rank 0, once the checkpoint points at the new folder: the older folders are never read again."""
     root = checkpoints / SHARDED_DIR

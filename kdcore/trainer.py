@@ -344,6 +344,9 @@ class Trainer:
                 and record.get("optimizer") == stage.model_key):
             # A DCP checkpoint, written by any number of ranks, read by this group (sharded or plain).
             sharding.load_sharded(self.checkpointer.directory, state.info, stage.model_key, model, optimizer)
+        elif state.optimizer is not None and model is not None and sharding.is_sharded(model):
+            # A plain checkpoint (one process, or ddp) carried on under fsdp: its whole optimiser state, sharded.
+            sharding.load_full_optimizer(model, optimizer, state.optimizer)
         elif state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         if state.scheduler is not None:

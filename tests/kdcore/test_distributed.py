@@ -200,7 +200,7 @@ class _CancelAtStep(Callbacks):
         return self.calls > self.step
 
 
-def _cancel_rank(rank: int, world: int, init_file: str, results: Any) -> None:
+def _cancel_rank(rank: int, world: int, init_file: str, results: Any, strategy: str) -> None:
     import torch.distributed as dist
 
     from kdcore.checkpoint import RunState
@@ -211,7 +211,7 @@ def _cancel_rank(rank: int, world: int, init_file: str, results: Any) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    group = Group(rank=rank, world=world)
+    group = Group(rank=rank, world=world, strategy=strategy)
     torch.manual_seed(0)
     data = DeviceData(torch.rand(256, 1, 4, 4), torch.randint(0, 2, (256,)))
     # Only rank 0 is told to cancel, as only rank 0 hears from the worker.
@@ -229,10 +229,11 @@ def _cancel_rank(rank: int, world: int, init_file: str, results: Any) -> None:
         dist.destroy_process_group()
 
 
-def test_cancel_seen_by_rank_0_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_cancel_seen_by_rank_0_stops_every_rank_at_the_same_step(tmp_path: Path, strategy: str) -> None:
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_cancel_rank, args=(rank, 2, str(tmp_path / "init"), results))
+    processes = [context.Process(target=_cancel_rank, args=(rank, 2, str(tmp_path / "init"), results, strategy))
                  for rank in range(2)]
     for process in processes:
         process.start()

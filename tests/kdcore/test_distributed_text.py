@@ -167,27 +167,54 @@ def _checkpoint_stage(out: Path) -> tuple[str, int] | None:
     return state["stage"], state["epoch"]
 
 
-def test_an_fsdp_checkpoint_resumes_on_one_process(files: dict[str, Path], tmp_path: Path) -> None:
-    """Killed inside distillation, the two-rank job's DCP checkpoint carries on in a one-process job,
-    which ends where an uninterrupted one-process job ends."""
-    epochs = 6
-    out = tmp_path / "out"
-    process = _distill(_spec(tmp_path, files, nproc=2, strategy="fsdp", distill_epochs=epochs), out)
+RESUME_EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def straight(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted one-process job that an interrupted and resumed job must end like."""
+    folder = tmp_path_factory.mktemp("straight")
+    _finish(_distill(_spec(folder, files, nproc=1, distill_epochs=RESUME_EPOCHS), folder / "out"))
+    return folder / "out"
+
+
+def _killed_in_distill(spec: Path, out: Path) -> None:
+    """Run the job until its checkpoint is inside distillation, then kill every process of it at once."""
+    process = _distill(spec, out)
     deadline = time.monotonic() + 240
     while (found := _checkpoint_stage(out)) is None or found[0] != "distill":
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
         time.sleep(0.02)
     kill_job(process)
     assert not (out / "metrics.json").exists()
+
+
+def _resumed(spec: Path, out: Path) -> None:
+    output = _finish(_distill(spec, out))
+    assert "resuming from the checkpoint after distill epoch" in output, output
+    assert [(row["stage"], int(row["epoch"])) for row in _history(out)] == (
+        [("teacher_finetune", 1)] + [("distill", epoch) for epoch in range(1, RESUME_EPOCHS + 1)])
+
+
+def test_an_fsdp_checkpoint_resumes_on_one_process(files: dict[str, Path], straight: Path, tmp_path: Path) -> None:
+    """Killed inside distillation, the two-rank job's DCP checkpoint carries on in a one-process job,
+    which ends where an uninterrupted one-process job ends."""
+    out = tmp_path / "out"
+    _killed_in_distill(_spec(tmp_path, files, nproc=2, strategy="fsdp", distill_epochs=RESUME_EPOCHS), out)
     folders = list((out / "checkpoints" / "sharded").iterdir())
     assert folders and all((folder / ".metadata").exists() for folder in folders)
 
-    output = _finish(_distill(_spec(tmp_path, files, nproc=1, distill_epochs=epochs), out))
-    assert "resuming from the checkpoint after distill epoch" in output, output
-    assert [(row["stage"], int(row["epoch"])) for row in _history(out)] == (
-        [("teacher_finetune", 1)] + [("distill", epoch) for epoch in range(1, epochs + 1)])
+    _resumed(_spec(tmp_path, files, nproc=1, distill_epochs=RESUME_EPOCHS), out)
     assert "distributed" not in _metrics(out)
+    _assert_same_run(straight, out)
+    assert not any((out / "checkpoints" / "sharded").iterdir())  # the plain checkpoint took over
 
-    straight = tmp_path / "straight"
-    _finish(_distill(_spec(tmp_path, files, nproc=1, distill_epochs=epochs), straight))
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(files: dict[str, Path], straight: Path, tmp_path: Path) -> None:
+    """The other way: a plain checkpoint's weights and optimiser state are sharded onto two ranks."""
+    out = tmp_path / "out"
+    _killed_in_distill(_spec(tmp_path, files, nproc=1, distill_epochs=RESUME_EPOCHS), out)
+
+    _resumed(_spec(tmp_path, files, nproc=2, strategy="fsdp", distill_epochs=RESUME_EPOCHS), out)
+    assert _metrics(out)["distributed"]["strategy"] == "fsdp"
     _assert_same_run(straight, out)
