@@ -116,6 +116,26 @@ class Group:
         dist.all_gather(pieces, padded)
         return torch.cat([pieces[r][: bounds[r + 1] - bounds[r]] for r in range(self.world)])
 
+    def average_gradients(self, model: nn.Module) -> None:
+        """What DDP does in backward, in one all-reduce after it: for loops that train through a model's own
+        methods (a causal LM's `scored` and `head`), not its forward, which DDP's wrapper needs to see.
+
+        A parameter without a gradient on this rank (a rank without scored tokens) counts as zero.
+        """
+        if not self.active:
+            return
+        parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        grads = [parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+                 for parameter in parameters]
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world
+        offset = 0
+        for parameter in parameters:
+            size = parameter.numel()
+            parameter.grad = flat[offset:offset + size].view_as(parameter).clone()
+            offset += size
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -147,6 +167,21 @@ def join(spec: DistributedSpec, device: torch.device) -> Group:
 def leave(group: Group) -> None:
     if group.active and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def report(group: Group, strategy: str, batch_size: int, device: torch.device) -> dict[str, object]:
+    """The report's `distributed`: world size, strategy, backend, global and per-rank batch."""
+    return {"world_size": group.world, "strategy": strategy, "global_batch": batch_size,
+            "per_rank_batch": batch_size / group.world, "backend": "nccl" if device.type == "cuda" else "gloo"}
+
+
+def rank_threads(threads: int | None, group: Group, device: torch.device) -> int | None:
+    """CPU ranks split the cores between them unless the spec says otherwise: oversubscribed ranks crawl."""
+    if threads is not None or not group.active or device.type != "cpu":
+        return threads
+    from kdcore.runtime import default_threads
+
+    return max(1, default_threads() // group.world)
 
 
 def rank_device(name: str) -> str:

@@ -22,8 +22,9 @@ from safetensors.torch import save_model
 
 from kdcore import text_export
 from kdcore.architectures import HFArgs
-from kdcore.callbacks import Callbacks
+from kdcore.callbacks import Callbacks, CancelOnly
 from kdcore.checkpoint import Checkpointer, RunState
+from kdcore.distributed import Group, join, leave, rank_device, rank_threads, report
 from kdcore.errors import KDError
 from kdcore.hf_models import HfFolder, StudentPlan, load_config, load_tokenizer, unpack_hf_zip
 from kdcore.limits import GiB, ResourceLimits, check_parameters
@@ -60,15 +61,24 @@ TEACHER = "teacher.file"
 
 
 def run_lm_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks) -> RunResult:
-    set_threads(spec.threads)
-    runtime = make_runtime(spec.device, spec.precision)
+    if spec.distributed.nproc > 1 and spec.distributed.strategy == "fsdp":
+        raise KDError("fsdp for causal_lm jobs is not available yet; use strategy ddp",
+                      field="distributed.strategy", code="bad_input")
+    runtime = make_runtime(rank_device(spec.device), spec.precision)
+    group = join(spec.distributed, runtime.device)
+    set_threads(rank_threads(spec.threads, group, runtime.device))
+    if not group.is_main:
+        # One voice: rank 0 reports progress and writes the checkpoint, the shared cache, artifacts and report.
+        callbacks = CancelOnly(callbacks)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     if (warning := precision_warning(runtime)) is not None:
         callbacks.on_log(f"warning: {warning}")
-    scratch = options.out_dir / "hf"
+    # Each rank unpacks the hf zips into its own folder: two ranks writing one file would race.
+    scratch = options.out_dir / (f"hf-rank{group.rank}" if group.active else "hf")
     try:
-        return _run(spec, inputs, options, callbacks, runtime, scratch)
+        return _run(spec, inputs, options, callbacks, runtime, scratch, group)
     finally:
+        leave(group)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -110,7 +120,7 @@ class Evaluation:
 
 
 def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks, runtime: Runtime,
-         scratch: Path) -> RunResult:
+         scratch: Path, group: Group) -> RunResult:
     announce(callbacks, "check")
     seed_everything(spec.seed)
     method = spec.method
@@ -159,7 +169,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     trainer = LMTrainer(
         runtime=runtime, optim=spec.optim, train=train, val=val, batch_size=spec.batch_size,
         eval_batch_size=spec.eval_batch_size, seed=spec.seed, callbacks=callbacks, checkpointer=checkpointer,
-        tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s,
+        tracker=ProgressTracker(total_steps=0), progress_interval_s=options.progress_interval_s, group=group,
     )
     trainer.tracker.total_steps = sum(stage.epochs for stage in stages) * trainer.steps_per_epoch
     trainer.tracker.skip_to(steps_done(stages, state, trainer.steps_per_epoch))
@@ -188,7 +198,8 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
         if method.name == "seq_kd" and stage.name != "teacher_finetune" and label_train is data.train:
             answers = _answers(spec, teachers, data.train, tokenizer, state, "train")
             label_train = with_answers(data.train, answers, data.max_length)
-            _write_answers(options.out_dir / "teacher_answers.jsonl", data.train, answers, tokenizer)
+            if group.is_main:
+                _write_answers(options.out_dir / "teacher_answers.jsonl", data.train, answers, tokenizer)
         if stage_finished(stage, stages, state):
             continue
         if stage.name == "teacher_finetune":
@@ -197,13 +208,18 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
             trainer.fit_lm(stage, teacher, train, state, hard)
             freeze(teacher)
         elif stage.name == "distill" and method.name != "seq_kd":
-            targets, cache, teacher_eval = _distill_targets(spec, teachers, data, eval_split, cache, cache_path,
+            # Every rank computes the teacher's top-K (the same), only rank 0 writes the shared file.
+            targets, cache, teacher_eval = _distill_targets(spec, teachers, data, eval_split, cache,
+                                                            cache_path if group.is_main else None,
                                                             teacher_eval, tokenizer, runtime, callbacks)
             trainer.fit_lm(stage, models["student"], train, state, soft, targets=targets)
         else:
             batches = LMBatches(label_train, pad_id=pad_id, device=runtime.device)
             trainer.fit_lm(stage, models[stage.model_key], batches, state, hard)
     assert plan is not None  # the spec requires a student stage
+    leave(group)  # training was the group's work; evaluation, exports and the report are rank 0's
+    if not group.is_main:
+        return RunResult(metrics={}, resumed_from=resumed_from)
 
     announce(callbacks, "evaluate", fraction=1.0)
     if method.name == "seq_kd" and not int(eval_split.label_counts().sum()):
@@ -214,6 +230,8 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
         teacher_eval = _evaluate(teachers.get(), eval_split, tokenizer, runtime, spec, params=folder.info.params)
     metrics = _metrics(spec, data, eval_name, eval_split, teacher_eval, models, tokenizer, runtime, plan, state)
     metrics["memory_estimate"] = memory
+    if group.active:
+        metrics["distributed"] = report(group, spec.distributed.strategy, spec.batch_size, runtime.device)
     metrics["teacher_cache"] = _cache_report(spec, data, cache, cache_path, teachers, reused=cache_reused)
     announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, models, teachers, tokenizer, plan, options)

@@ -86,31 +86,52 @@ class LMTrainer(Trainer):
         tokens = 0
         last_report = time.monotonic()
         for step, indices in enumerate(order):
-            if self.callbacks.should_cancel():
+            # Every rank stops at the same step, or the others would wait in the next all-reduce.
+            if self.group.any(self.callbacks.should_cancel(), self.runtime.device):
                 raise CancelledError(f"cancelled during {stage.name} epoch {epoch + 1}")
             batch, _ = train.train_batch(indices, shuffle_rng)
+            indices, batch, weight = self._rank_rows(indices, batch)
             teacher, teacher_head = targets(indices, batch) if targets is not None else (None, None)
             with self.runtime.autocast():
                 hidden, labels = model.scored(batch)
                 result = lm_loss(hidden, labels, model.head, settings, teacher=teacher, teacher_head=teacher_head)
 
             optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
+            (result.loss * weight if weight != 1.0 else result.loss).backward()
+            self.group.average_gradients(model)
             self._clip(model)
             optimizer.step()
             scheduler.step()
 
             # Sums stay on the device: reading them every step would sync a GPU each time.
-            loss_sum += result.loss.detach() * result.tokens
-            correct += result.correct
-            tokens += result.tokens
+            if weight:  # a row run only to keep the ranks in step counts nothing
+                loss_sum += result.loss.detach() * result.tokens
+                correct += result.correct
+                tokens += result.tokens
             self.tracker.done_steps += 1
             if time.monotonic() - last_report >= self.progress_interval_s:
                 last_report = time.monotonic()
                 running = self._finite_mean(loss_sum, tokens, stage, epoch)
                 self.callbacks.on_progress(self._progress(stage, epoch + 1, step + 1, {"train_loss": running}))
+        if self.group.active:
+            totals = self.group.sum_(torch.stack([loss_sum.float(), correct.float(),
+                                                  torch.tensor(float(tokens), device=loss_sum.device)]))
+            loss_sum, correct, tokens = totals[0], totals[1], int(totals[2].item())
         return {"train_loss": self._finite_mean(loss_sum, tokens, stage, epoch),
                 "train_accuracy": correct.item() / max(1, tokens), "train_tokens": float(tokens)}
+
+    def _rank_rows(self, indices: torch.Tensor, batch: LMBatch) -> tuple[torch.Tensor, LMBatch, float]:
+        """This rank's rows of the global batch, and the weight that makes the ranks' averaged gradients
+        those of the global batch's mean over its scored tokens (a rank's loss is its own tokens' mean)."""
+        if not self.group.active:
+            return indices, batch, 1.0
+        rows, share = self.group.share(len(indices))
+        total = int((batch.labels != -100).sum().item())
+        mine = LMBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
+        if not share:
+            return indices[rows], mine, 0.0  # a rank without rows runs one, weighted zero
+        tokens = int((mine.labels != -100).sum().item())
+        return indices[rows], mine, tokens * self.group.world / max(1, total)
 
     def validate_lm(self, model: CausalLM, vocab: int) -> dict[str, float]:
         """Next-token cross-entropy (nats per token) and accuracy on the validation split."""

@@ -134,9 +134,6 @@ def run_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Ca
     """Run one job to its artifacts; text jobs (an hf teacher) go to `kdcore.text_pipeline`."""
     callbacks = callbacks or Callbacks()
     task = resolve_task(spec, sniff_teacher(inputs.teacher))
-    if spec.distributed.nproc > 1 and task == "causal_lm":
-        raise KDError(f"distributed {task} jobs are not available yet; set distributed.nproc to 1",
-                      field="distributed.nproc", code="bad_input")
     if spec.distributed.nproc > 1 and spec.distributed.strategy == "fsdp" and task == "image_classification":
         raise KDError("fsdp shards the transformer students of text jobs; image jobs train with strategy ddp",
                       field="distributed.strategy", code="bad_input")

@@ -21,7 +21,7 @@ from kdcore import text_export
 from kdcore.architectures import HFArgs, TextBiLSTMArgs
 from kdcore.callbacks import Callbacks, CancelOnly
 from kdcore.checkpoint import Checkpointer, RunState
-from kdcore.distributed import Group, join, leave, rank_device
+from kdcore.distributed import Group, join, leave, rank_device, rank_threads, report
 from kdcore.errors import KDError
 from kdcore.evaluate import (
     agreement,
@@ -57,15 +57,7 @@ from kdcore.pipeline import (
     steps_done,
     write_reports,
 )
-from kdcore.runtime import (
-    Runtime,
-    default_threads,
-    make_runtime,
-    precision_warning,
-    restore_rng,
-    seed_everything,
-    set_threads,
-)
+from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.selection import restore_best
 from kdcore.sharding import (
     full_weights,
@@ -97,7 +89,7 @@ def run_text_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callback
         raise KDError(f"fsdp shards transformer students; a {spec.student.arch} student trains with strategy ddp",
                       field="distributed.strategy", code="bad_input")
     group = join(spec.distributed, runtime.device)
-    set_threads(rank_threads(spec, group, runtime))
+    set_threads(rank_threads(spec.threads, group, runtime.device))
     if not group.is_main:
         # One voice: rank 0 reports progress and writes the checkpoint file, artifacts and the report.
         callbacks = CancelOnly(callbacks)
@@ -217,17 +209,8 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
 
 
-def rank_threads(spec: JobSpec, group: Group, runtime: Runtime) -> int | None:
-    """CPU ranks split the cores between them unless the spec says otherwise: oversubscribed ranks crawl."""
-    if spec.threads is not None or not group.active or runtime.device.type != "cpu":
-        return spec.threads
-    return max(1, default_threads() // group.world)
-
-
 def _distributed_metrics(spec: JobSpec, group: Group, runtime: Runtime, teacher_layout: str) -> dict[str, Any]:
-    figures: dict[str, Any] = {"world_size": group.world, "strategy": spec.distributed.strategy,
-                               "global_batch": spec.batch_size, "per_rank_batch": spec.batch_size / group.world,
-                               "backend": "nccl" if runtime.device.type == "cuda" else "gloo"}
+    figures: dict[str, Any] = report(group, spec.distributed.strategy, spec.batch_size, runtime.device)
     if group.sharded:
         figures["teacher"] = teacher_layout
     return figures
