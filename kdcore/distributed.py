@@ -116,6 +116,20 @@ class Group:
         dist.all_gather(pieces, padded)
         return torch.cat([pieces[r][: bounds[r + 1] - bounds[r]] for r in range(self.world)])
 
+    def gather_ragged(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's `local` (any number of rows, the same trailing shape), joined in rank order on every rank."""
+        if not self.active:
+            return local
+        count = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world)]
+        dist.all_gather(counts, count)
+        sizes = [int(size.item()) for size in counts]
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: len(local)] = local
+        pieces = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(pieces, padded)
+        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
+
     def average_gradients(self, model: nn.Module) -> None:
         """What DDP does in backward, in one all-reduce after it: for loops that train through a model's own
         methods (a causal LM's `scored` and `head`), not its forward, which DDP's wrapper needs to see.

@@ -208,10 +208,10 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
             trainer.fit_lm(stage, teacher, train, state, hard)
             freeze(teacher)
         elif stage.name == "distill" and method.name != "seq_kd":
-            # Every rank computes the teacher's top-K (the same), only rank 0 writes the shared file.
+            # The ranks compute the teacher's top-K once between them; only rank 0 writes the shared file.
             targets, cache, teacher_eval = _distill_targets(spec, teachers, data, eval_split, cache,
                                                             cache_path if group.is_main else None,
-                                                            teacher_eval, tokenizer, runtime, callbacks)
+                                                            teacher_eval, tokenizer, runtime, callbacks, group)
             trainer.fit_lm(stage, models["student"], train, state, soft, targets=targets)
         else:
             batches = LMBatches(label_train, pad_id=pad_id, device=runtime.device)
@@ -319,8 +319,8 @@ def _find_cache(spec: JobSpec, inputs: JobInputs,
 
 def _distill_targets(spec: JobSpec, teachers: TeacherLoader, data: LMData, eval_split: LMSplit,
                      cache: TeacherTopKCache | None, cache_path: Path | None, teacher_eval: Evaluation | None,
-                     tokenizer: Any, runtime: Runtime,
-                     callbacks: Callbacks) -> tuple[LMTargets, TeacherTopKCache | None, Evaluation | None]:
+                     tokenizer: Any, runtime: Runtime, callbacks: Callbacks,
+                     group: Group) -> tuple[LMTargets, TeacherTopKCache | None, Evaluation | None]:
     if not spec.method.top_k:
         return LiveLMTeacher(teachers.get(), runtime), cache, teacher_eval
     if cache is not None:
@@ -328,8 +328,7 @@ def _distill_targets(spec: JobSpec, teachers: TeacherLoader, data: LMData, eval_
         return CachedLMTeacher(cache, runtime.device), cache, teacher_eval
     announce(callbacks, "teacher_cache")
     teacher = teachers.get()
-    cache = compute_top_k(teacher, data.train, k=spec.method.top_k, pad_id=int(tokenizer.pad_token_id),
-                          runtime=runtime, batch_size=spec.eval_batch_size)
+    cache = _split_top_k(teacher, data.train, spec, int(tokenizer.pad_token_id), runtime, group)
     # Everything a later job needs of the teacher goes with its top-K, so that job never loads it.
     teacher_eval = _evaluate(teacher, eval_split, tokenizer, runtime, spec, params=teachers.folder.info.params)
     cache.teacher_eval = {"metrics": teacher_eval.metrics, "samples": teacher_eval.samples}
@@ -340,6 +339,38 @@ def _distill_targets(spec: JobSpec, teachers: TeacherLoader, data: LMData, eval_
     if not spec.stages.teacher_finetune_epochs:
         teachers.release()  # the student trains with the teacher's memory free (it is exported only when adapted)
     return CachedLMTeacher(cache, runtime.device), cache, teacher_eval
+
+
+def _split_top_k(teacher: CausalLM, split: LMSplit, spec: JobSpec, pad_id: int, runtime: Runtime,
+                 group: Group) -> TeacherTopKCache:
+    """The teacher's top-K on the training split, computed once: rank r on its contiguous share of the
+    sequences, the shares (a varying number of scored tokens each) joined in order on every rank."""
+    def top_k(part: LMSplit) -> TeacherTopKCache:
+        return compute_top_k(teacher, part, k=int(spec.method.top_k or 0), pad_id=pad_id, runtime=runtime,
+                             batch_size=spec.eval_batch_size)
+
+    if not group.active:
+        return top_k(split)
+    bounds = [len(split) * r // group.world for r in range(group.world + 1)]
+    local = top_k(_sequences(split, bounds[group.rank], bounds[group.rank + 1]))
+
+    def joined(tensor: torch.Tensor) -> torch.Tensor:
+        # float16 travels as float32 (exactly), on the device the backend wants.
+        wide = tensor.float() if tensor.is_floating_point() else tensor
+        return group.gather_ragged(wide.to(runtime.device)).cpu().to(tensor.dtype)
+
+    top = type(local.top)(joined(local.top.log_probs), joined(local.top.ids), joined(local.top.tail))
+    offsets = torch.zeros(len(split) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(split.label_counts(), 0)
+    forward = group.sum_(torch.tensor([float(local.forward_tokens)], device=runtime.device))
+    return TeacherTopKCache(top, offsets, forward_tokens=int(forward.item()))
+
+
+def _sequences(split: LMSplit, start: int, end: int) -> LMSplit:
+    """Sequences start..end of a split, as a split of their own."""
+    first, last = int(split.offsets[start]), int(split.offsets[end])
+    return LMSplit(split.tokens[first:last], split.targets[first:last], split.offsets[start:end + 1] - first,
+                   split.prompt_lengths[start:end], split.truncated)
 
 
 def _cached_eval(cache: TeacherTopKCache | None) -> Evaluation | None:

@@ -59,6 +59,8 @@ def test_a_ddp_lm_job_on_two_processes_matches_the_single_process_job(files: dic
                 assert float(b[key]) == pytest.approx(float(a[key]), rel=REL, abs=ABS), (key, a, b)
     assert two["student"]["loss"] == pytest.approx(one["student"]["loss"], rel=REL, abs=ABS)
     assert two["student"]["accuracy"] == pytest.approx(one["student"]["accuracy"], abs=1e-6)
+    # The top-K cache is computed once between the ranks: the same rows, the teacher's tokens counted once.
+    assert two["teacher_cache"] == one["teacher_cache"]
 
 
 def test_fsdp_for_an_lm_job_is_refused_when_it_starts(files: dict[str, Path], tmp_path: Path) -> None:
