@@ -341,7 +341,7 @@ def _distill_setup(spec: JobSpec, teacher: TextClassifier, student: nn.Module, t
         announce(callbacks, "teacher_cache")
         logits = group.gather_rows(lambda start, end: _teacher_rows(teacher, train, start, end, spec.eval_batch_size,
                                                                     runtime, group), len(train))
-        cache = TeacherLogitsCache.from_logits(logits.to(runtime.device), runtime)
+        cache = TeacherLogitsCache.from_logits(logits, runtime)
         return cache, build_distill_loss(spec.method)
     return LiveTeacher(teacher, runtime), _hidden_loss(spec, teacher, student)
 
@@ -366,7 +366,8 @@ def _teacher_rows(teacher: TextClassifier, train: TokenBatches, start: int, end:
         for first in range(0, len(rows), batch_size):
             with fp32.autocast():
                 outputs.append(teacher(train.collate(rows[first:first + batch_size])).float().cpu())
-    return torch.cat(outputs)[: end - start]
+    # On the training device: NCCL gathers GPU tensors only.
+    return torch.cat(outputs)[: end - start].to(runtime.device)
 
 
 def _hidden_loss(spec: JobSpec, teacher: TextClassifier, student: nn.Module) -> LossFn:
