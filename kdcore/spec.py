@@ -284,9 +284,9 @@ class DistributedSpec(_Strict):
     nproc: int = Field(default=1, ge=1, le=64, description="Processes: one per GPU on a GPU node; on a CPU, "
                        "gloo processes sharing its cores.")
     strategy: Literal["ddp", "fsdp"] = Field(
-        default="ddp", description="ddp: every rank holds the whole student (any model, image or text); fsdp: "
-        "text jobs' hf students sharded across the ranks (FSDP2, one unit per transformer layer), checkpoints "
-        "through torch.distributed.checkpoint, resumable on any nproc."
+        default="ddp", description="ddp: every rank holds the whole student (any job: image, text, causal LM); "
+        "fsdp: text classification jobs' hf students sharded across the ranks (FSDP2, one unit per transformer "
+        "layer), checkpoints through torch.distributed.checkpoint, resumable on any nproc."
     )
     timeout_s: float = Field(default=300.0, ge=10, le=86400, description="A collective waiting longer fails the "
                              "job: a stuck rank is a clear error, never a hang.")
