@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,8 +72,17 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
-    def forward(self, batch: LMBatch) -> torch.Tensor:
-        """Logits over the real vocabulary for every position (small inputs only: evaluation, tests)."""
+    def forward(self, batch: LMBatch | None = None, *, step: Callable[[], Any] | None = None) -> Any:
+        """Logits over the real vocabulary for every position (small inputs only: evaluation, tests).
+
+        `model(step=fn)` runs `fn()` as this module's forward instead: a model sharded with FSDP2
+        (`kdcore.sharding.run_in_root`) gathers its root unit (embeddings, final norm, head) and
+        reduces their gradients in hooks around its forward, which the loop's own calls of
+        `scored` and `head` would otherwise bypass.
+        """
+        if step is not None:
+            return step()
+        assert batch is not None
         return self.head(self.hidden_states(batch))[..., :self.vocab]
 
     def scored(self, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,18 @@ from kdcore.pipeline import (
     write_reports,
 )
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
+from kdcore.sharding import (
+    full_weights,
+    has_sharded,
+    is_sharded,
+    load_sharded,
+    remove_stale,
+    run_in_root,
+    shard_model,
+    teacher_bytes_bf16,
+    teacher_should_shard,
+    unshard,
+)
 from kdcore.spec import JobSpec
 from kdcore.trainer import ProgressTracker
 
@@ -61,9 +73,9 @@ TEACHER = "teacher.file"
 
 
 def run_lm_job(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callbacks) -> RunResult:
-    if spec.distributed.nproc > 1 and spec.distributed.strategy == "fsdp":
-        raise KDError("fsdp for causal_lm jobs is not available yet; use strategy ddp",
-                      field="distributed.strategy", code="bad_input")
+    if spec.distributed.nproc > 1 and spec.distributed.strategy == "fsdp" and spec.stages.teacher_finetune_epochs:
+        raise KDError("fsdp does not fine-tune a causal_lm teacher yet: set stages.teacher_finetune_epochs to 0 "
+                      "or use strategy ddp", field="distributed.strategy", code="bad_input")
     runtime = make_runtime(rank_device(spec.device), spec.precision)
     group = join(spec.distributed, runtime.device)
     set_threads(rank_threads(spec.threads, group, runtime.device))
@@ -89,6 +101,7 @@ class TeacherLoader:
         self.folder, self.tokenizer, self.runtime, self.trainable = folder, tokenizer, runtime, trainable
         self.model: CausalLM | None = None
         self.loads = 0
+        self.sharded = False  # fsdp: it was over distributed.replicate_teacher_mb, so sharded for the distillation
 
     def get(self) -> CausalLM:
         if self.model is None:
@@ -190,7 +203,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     for stage in stages:
         if stage.model_key != "teacher" and plan is None:
             # Built after the teacher's fine-tune: the layer copy takes the adapted teacher.
-            plan = _students(spec, config, vocab, teachers, student_folder, tokenizer, state, models)
+            plan = _students(spec, config, vocab, teachers, student_folder, tokenizer, state, models, trainer)
             if cache is not None and not spec.stages.teacher_finetune_epochs:
                 teachers.release()  # read for the layer copy only: the cache holds the rest
             if state.rng is not None and any(s.name == state.stage and s.model_key != "teacher" for s in stages):
@@ -217,6 +230,11 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
             batches = LMBatches(label_train, pad_id=pad_id, device=runtime.device)
             trainer.fit_lm(stage, models[stage.model_key], batches, state, hard)
     assert plan is not None  # the spec requires a student stage
+    teacher_layout = "sharded" if teachers.sharded else "replicated"
+    if group.sharded:
+        _gather_models(models, runtime, group)
+        if teachers.model is not None and is_sharded(teachers.model):
+            teachers.release()  # frozen, as loaded: rank 0 reads a plain one from the file if it needs it
     leave(group)  # training was the group's work; evaluation, exports and the report are rank 0's
     if not group.is_main:
         return RunResult(metrics={}, resumed_from=resumed_from)
@@ -232,6 +250,8 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     metrics["memory_estimate"] = memory
     if group.active:
         metrics["distributed"] = report(group, spec.distributed.strategy, spec.batch_size, runtime.device)
+        if group.sharded:
+            metrics["distributed"]["teacher"] = teacher_layout
     metrics["teacher_cache"] = _cache_report(spec, data, cache, cache_path, teachers, reused=cache_reused)
     announce(callbacks, "export", fraction=1.0)
     artifacts = _export(spec, models, teachers, tokenizer, plan, options)
@@ -242,6 +262,7 @@ def _run(spec: JobSpec, inputs: JobInputs, options: RunOptions, callbacks: Callb
     artifacts += write_reports(spec, source, metrics, state, options)
     if not options.keep_checkpoint:
         checkpointer.clear()
+        remove_stale(checkpointer.directory, None)
     return RunResult(metrics=metrics, artifacts=artifacts, resumed_from=resumed_from)
 
 
@@ -272,13 +293,14 @@ def check_memory(spec: JobSpec, config: Any, folder: HfFolder, student_folder: H
 
 
 def _students(spec: JobSpec, config: Any, vocab: int, teachers: TeacherLoader, student_folder: HfFolder | None,
-              tokenizer: Any, state: RunState, models: dict[str, CausalLM]) -> StudentPlan:
+              tokenizer: Any, state: RunState, models: dict[str, CausalLM], trainer: LMTrainer) -> StudentPlan:
     """Student and baseline from one initialisation (layer copy included), then their checkpointed weights."""
     if student_folder is not None:
         plan = load_pretrained_lm_student(student_folder, tokenizer)
     else:
         # Every model built here comes from the checkpoint: the teacher's layers need not be read.
-        resumed = all(key in state.models for key in ("student", "baseline")[:1 + spec.stages.baseline])
+        resumed = all(key in state.models or has_sharded(state.info, key)
+                      for key in ("student", "baseline")[:1 + spec.stages.baseline])
         source = teachers.get().model if spec.student.init_from_teacher and not resumed else None
         plan = build_lm_student(config, HFArgs.model_validate(spec.student.arch_args), vocab=vocab, seed=spec.seed,
                                 teacher=source, teacher_layers=spec.student.teacher_layers)
@@ -291,6 +313,7 @@ def _students(spec: JobSpec, config: Any, vocab: int, teachers: TeacherLoader, s
         if key in state.models:
             models[key].load_state_dict(state.models[key])
         models[key].to(device)
+    _load_shards(["student", "baseline"], models, state, trainer)
     if "shared_parameters" not in state.info:
         state.info.update(shared_parameters=plan.shared_parameters, student=plan.description,
                           teacher_layers=plan.teacher_layers)
@@ -322,17 +345,19 @@ def _distill_targets(spec: JobSpec, teachers: TeacherLoader, data: LMData, eval_
                      tokenizer: Any, runtime: Runtime, callbacks: Callbacks,
                      group: Group) -> tuple[LMTargets, TeacherTopKCache | None, Evaluation | None]:
     if not spec.method.top_k:
-        return LiveLMTeacher(teachers.get(), runtime), cache, teacher_eval
+        return LiveLMTeacher(_shard_teacher(spec, teachers, callbacks, group), runtime), cache, teacher_eval
     if cache is not None:
         callbacks.on_log(f"teacher top-{cache.k} read from the cache: the teacher is not run")
         return CachedLMTeacher(cache, runtime.device), cache, teacher_eval
     announce(callbacks, "teacher_cache")
-    teacher = teachers.get()
+    teacher = _shard_teacher(spec, teachers, callbacks, group)
     cache = _split_top_k(teacher, data.train, spec, int(tokenizer.pad_token_id), runtime, group)
-    # Everything a later job needs of the teacher goes with its top-K, so that job never loads it.
-    teacher_eval = _evaluate(teacher, eval_split, tokenizer, runtime, spec, params=teachers.folder.info.params)
-    cache.teacher_eval = {"metrics": teacher_eval.metrics, "samples": teacher_eval.samples}
-    cache.test_predictions = teacher_eval.predictions
+    if not is_sharded(teacher):
+        # Everything a later job needs of the teacher goes with its top-K, so that job never loads it. A
+        # sharded teacher is not evaluated here (generation is no collective): rank 0 loads it for that at the end.
+        teacher_eval = _evaluate(teacher, eval_split, tokenizer, runtime, spec, params=teachers.folder.info.params)
+        cache.teacher_eval = {"metrics": teacher_eval.metrics, "samples": teacher_eval.samples}
+        cache.test_predictions = teacher_eval.predictions
     if cache_path is not None:
         cache.save(cache_path)
         callbacks.on_log(f"teacher top-{cache.k} cached as {cache_path.name}")
@@ -341,18 +366,43 @@ def _distill_targets(spec: JobSpec, teachers: TeacherLoader, data: LMData, eval_
     return CachedLMTeacher(cache, runtime.device), cache, teacher_eval
 
 
+def _shard_teacher(spec: JobSpec, teachers: TeacherLoader, callbacks: Callbacks, group: Group) -> CausalLM:
+    """The frozen teacher, sharded under fsdp when its bf16 weights exceed distributed.replicate_teacher_mb."""
+    teacher = teachers.get()
+    if group.sharded and not is_sharded(teacher) and teacher_should_shard(teacher,
+                                                                        spec.distributed.replicate_teacher_mb):
+        callbacks.on_log(f"the teacher's {teacher_bytes_bf16(teacher) / 2**20:.0f} MB (bf16) exceed "
+                         f"distributed.replicate_teacher_mb: it is sharded across the {group.world} ranks")
+        shard_model(teacher)
+        teachers.sharded = True
+    return teacher
+
+
 def _split_top_k(teacher: CausalLM, split: LMSplit, spec: JobSpec, pad_id: int, runtime: Runtime,
                  group: Group) -> TeacherTopKCache:
     """The teacher's top-K on the training split, computed once: rank r on its contiguous share of the
-    sequences, the shares (a varying number of scored tokens each) joined in order on every rank."""
+    sequences, the shares (a varying number of scored tokens each) joined in order on every rank.
+
+    A sharded teacher's forward is a collective, so every rank then runs as many sequences: a shorter
+    share repeats its last sequence up to the longest share's length, and the extra rows are dropped.
+    """
     def top_k(part: LMSplit) -> TeacherTopKCache:
-        return compute_top_k(teacher, part, k=int(spec.method.top_k or 0), pad_id=pad_id, runtime=runtime,
-                             batch_size=spec.eval_batch_size)
+        return run_in_root(teacher, lambda: compute_top_k(teacher, part, k=int(spec.method.top_k or 0),
+                                                          pad_id=pad_id, runtime=runtime,
+                                                          batch_size=spec.eval_batch_size))
 
     if not group.active:
         return top_k(split)
     bounds = [len(split) * r // group.world for r in range(group.world + 1)]
-    local = top_k(_sequences(split, bounds[group.rank], bounds[group.rank + 1]))
+    start, end = bounds[group.rank], bounds[group.rank + 1]
+    extra = group.slice_width(len(split)) - (end - start) if is_sharded(teacher) else 0
+    padding = [end - 1 if end > start else 0] * extra
+    local = top_k(_pick(split, list(range(start, end)) + padding))
+    if extra:
+        rows = int(split.label_counts()[start:end].sum())
+        local = TeacherTopKCache(type(local.top)(local.top.log_probs[:rows], local.top.ids[:rows],
+                                                 local.top.tail[:rows]), local.offsets,
+                                 forward_tokens=local.forward_tokens - int(split.lengths[padding].sum()))
 
     def joined(tensor: torch.Tensor) -> torch.Tensor:
         # float16 travels as float32 (exactly), on the device the backend wants.
@@ -366,11 +416,43 @@ def _split_top_k(teacher: CausalLM, split: LMSplit, spec: JobSpec, pad_id: int, 
     return TeacherTopKCache(top, offsets, forward_tokens=int(forward.item()))
 
 
-def _sequences(split: LMSplit, start: int, end: int) -> LMSplit:
-    """Sequences start..end of a split, as a split of their own."""
-    first, last = int(split.offsets[start]), int(split.offsets[end])
-    return LMSplit(split.tokens[first:last], split.targets[first:last], split.offsets[start:end + 1] - first,
-                   split.prompt_lengths[start:end], split.truncated)
+def _pick(split: LMSplit, indices: list[int]) -> LMSplit:
+    """The split's sequences at `indices` (in that order, repeats allowed), as a split of their own."""
+    spans = [(int(split.offsets[i]), int(split.offsets[i + 1])) for i in indices]
+    offsets = torch.zeros(len(indices) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([b - a for a, b in spans], dtype=torch.int64), 0)
+    return LMSplit(torch.cat([split.tokens[:0]] + [split.tokens[a:b] for a, b in spans]),
+                   torch.cat([split.targets[:0]] + [split.targets[a:b] for a, b in spans]), offsets,
+                   split.prompt_lengths[torch.tensor(indices, dtype=torch.int64)], split.truncated)
+
+
+def _load_shards(keys: list[str], models: dict[str, CausalLM], state: RunState, trainer: LMTrainer) -> None:
+    """Models whose weights a DCP checkpoint holds (an fsdp run's): read them, resharded for this group.
+
+    Under fsdp they are sharded first and the trainer checkpoints them from now on; on a plain group
+    (one process, or ddp) their weights also go into `state.models`, so the next plain checkpoint is whole.
+    """
+    directory = trainer.checkpointer.directory if trainer.checkpointer is not None else None
+    for key in keys:
+        if directory is None or not has_sharded(state.info, key):
+            continue
+        if trainer.group.sharded:
+            trainer.sharded_models[key] = shard_model(models[key])
+        load_sharded(directory, state.info, key, models[key])
+        if not trainer.group.sharded:
+            state.models[key] = full_weights(models[key])
+
+
+def _gather_models(models: dict[str, CausalLM], runtime: Runtime, group: Group) -> None:
+    """After training: rank 0 gets a plain copy of every sharded model (a collective, on every rank)."""
+    for key in sorted(models):
+        if is_sharded(models[key]):
+            plain = unshard(models[key], runtime.device, is_main=group.is_main)
+            if plain is not None:
+                assert isinstance(plain, CausalLM)
+                if getattr(plain.model.config, "tie_word_embeddings", False):
+                    plain.model.tie_weights()  # the gathered weights came as two tensors: one again
+                models[key] = plain
 
 
 def _cached_eval(cache: TeacherTopKCache | None) -> Evaluation | None:

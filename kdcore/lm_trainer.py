@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,9 +20,10 @@ from kdcore.checkpoint import RunState
 from kdcore.errors import CancelledError
 from kdcore.lm_cache import TeacherTopKCache
 from kdcore.lm_data import LMBatch, LMBatches
-from kdcore.lm_losses import Head, LossSettings, Teacher, lm_loss, token_predictions
+from kdcore.lm_losses import Head, LossResult, LossSettings, Teacher, lm_loss, token_predictions
 from kdcore.lm_models import CausalLM
 from kdcore.runtime import Runtime
+from kdcore.sharding import run_in_root, shard_model
 from kdcore.trainer import Stage, Trainer, build_optimizer, build_scheduler
 
 # A batch's teacher: (example indices, batch, scored positions) -> (targets per token range, teacher head).
@@ -38,7 +40,8 @@ class LiveLMTeacher:
     def __call__(self, indices: torch.Tensor, batch: LMBatch) -> tuple[Callable[[int, int], Teacher], Head | None]:
         # no_grad, not inference_mode: the states feed a loss whose backward must be able to save them.
         with torch.no_grad(), self.runtime.autocast():
-            hidden, _ = self.teacher.scored(batch)
+            # A sharded teacher's root unit (its head) stays gathered after this, for the loss's head calls.
+            hidden, _ = run_in_root(self.teacher, lambda: self.teacher.scored(batch))
         return (lambda start, end: hidden[start:end]), self.teacher.head
 
 
@@ -59,10 +62,15 @@ class LMTrainer(Trainer):
                *, targets: LMTargets | None = None) -> None:
         """Train `model` for the stage's epochs on `train`, continuing from `state` if it ended inside this stage."""
         self.train = train
+        if self.group.sharded:
+            # FSDP2 in place, before the optimiser is built: it must hold the shards. Every checkpoint from
+            # now on holds this model's shards (a DCP folder), whatever stage it is taken in.
+            self.sharded_models[stage.model_key] = shard_model(model)
         optimizer = build_optimizer(self.optim, model, stage.lr)
         scheduler = build_scheduler(self.optim, optimizer, stage.epochs * self.steps_per_epoch)
         shuffle_rng = torch.Generator().manual_seed(self.seed * 1_000_003 + stage.index)
-        start_epoch = self._restore(state, optimizer, scheduler, shuffle_rng) if state.stage == stage.name else 0
+        start_epoch = (self._restore(state, optimizer, scheduler, shuffle_rng, stage=stage, model=model)
+                       if state.stage == stage.name else 0)
         self.callbacks.on_stage_start(stage.name, stage.epochs)
         for epoch in range(start_epoch, stage.epochs):
             started = time.monotonic()
@@ -92,13 +100,12 @@ class LMTrainer(Trainer):
             batch, _ = train.train_batch(indices, shuffle_rng)
             indices, batch, weight = self._rank_rows(indices, batch)
             teacher, teacher_head = targets(indices, batch) if targets is not None else (None, None)
-            with self.runtime.autocast():
-                hidden, labels = model.scored(batch)
-                result = lm_loss(hidden, labels, model.head, settings, teacher=teacher, teacher_head=teacher_head)
-
+            # Under fsdp inside the root's forward, so that its hooks gather the head for every chunk.
+            result = run_in_root(model, partial(self._loss, model, batch, settings, teacher, teacher_head))
             optimizer.zero_grad(set_to_none=True)
             (result.loss * weight if weight != 1.0 else result.loss).backward()
-            self.group.average_gradients(model)
+            if not self.group.sharded:  # FSDP reduce-scattered (averaged) the gradients in backward
+                self.group.average_gradients(model)
             self._clip(model)
             optimizer.step()
             scheduler.step()
@@ -120,6 +127,12 @@ class LMTrainer(Trainer):
         return {"train_loss": self._finite_mean(loss_sum, tokens, stage, epoch),
                 "train_accuracy": correct.item() / max(1, tokens), "train_tokens": float(tokens)}
 
+    def _loss(self, model: CausalLM, batch: LMBatch, settings: LossSettings,
+              teacher: Callable[[int, int], Teacher] | None, teacher_head: Head | None) -> LossResult:
+        with self.runtime.autocast():
+            hidden, labels = model.scored(batch)
+            return lm_loss(hidden, labels, model.head, settings, teacher=teacher, teacher_head=teacher_head)
+
     def _rank_rows(self, indices: torch.Tensor, batch: LMBatch) -> tuple[torch.Tensor, LMBatch, float]:
         """This rank's rows of the global batch, and the weight that makes the ranks' averaged gradients
         those of the global batch's mean over its scored tokens (a rank's loss is its own tokens' mean)."""
@@ -137,7 +150,9 @@ class LMTrainer(Trainer):
         """Next-token cross-entropy (nats per token) and accuracy on the validation split."""
         if self.val is None or len(self.val) == 0:
             return {}
-        total, correct, tokens = evaluate_tokens(model, self.val, self.runtime, self.eval_batch_size, vocab)[:3]
+        # Every rank evaluates every batch: under fsdp each forward is a collective, so they run in step.
+        total, correct, tokens = run_in_root(model, lambda: evaluate_tokens(model, self.val, self.runtime,
+                                                                            self.eval_batch_size, vocab))[:3]
         return {"val_loss": total / max(1, tokens), "val_accuracy": correct / max(1, tokens)}
 
 

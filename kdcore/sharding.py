@@ -21,13 +21,15 @@ import copy
 import shutil
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 SHARDED_DIR = "sharded"  # under the job's checkpoint folder: one DCP folder per checkpointed epoch
 INFO_KEY = "sharded"  # RunState.info: which DCP folder holds which models' weights (and whose optimiser)
@@ -66,6 +68,22 @@ def shard_model(model: nn.Module) -> nn.Module:
         fully_shard(layer)
     fully_shard(model)
     return model
+
+
+def run_in_root(model: nn.Module, step: Callable[[], T]) -> T:
+    """`step()` inside a sharded model's root forward (`model(step=step)`), or just `step()` for a plain one.
+
+    For loops that call a model's inner modules rather than its forward (a causal LM's body, then its
+    head in chunks, again in backward through activation checkpointing): the root's pre-forward hook
+    all-gathers the root unit (embeddings, final norm, head: tied weights live in it once), which
+    FSDP2 keeps unsharded after the root's forward until its backward has reduced their gradients,
+    so every head call of the step, forward or recomputed, sees whole weights. The decoder layers
+    are units of their own, gathered and freed by their own hooks as the body calls them.
+    """
+    if not is_sharded(model):
+        return step()
+    result: T = model(step=step)
+    return result
 
 
 def _meta_twin(model: nn.Module) -> nn.Module:
