@@ -115,8 +115,23 @@ def test_an_fsdp_lm_job_on_two_processes_matches_the_single_process_job(gpt2: di
     for key in ("teacher", "student", "baseline"):
         assert two[key]["loss"] == pytest.approx(one[key]["loss"], rel=REL, abs=ABS), key
         assert two[key]["accuracy"] == pytest.approx(one[key]["accuracy"], abs=1e-6), key
+    # 39 training sequences: the sharded teacher's shorter top-K share is padded, its extra rows dropped.
     assert two["teacher_cache"] == one["teacher_cache"]
     assert (tmp_path / "two" / "student.safetensors").exists()
+
+
+def test_fsdp_does_not_fine_tune_an_lm_teacher(files: dict[str, Path], tmp_path: Path) -> None:
+    from kdcore.errors import KDError
+    from kdcore.pipeline import JobInputs, RunOptions, run_job
+    from kdcore.spec import parse_spec
+
+    raw = json.loads(_spec(tmp_path, files, nproc=2).read_text())
+    raw["distributed"]["strategy"] = "fsdp"
+    raw["stages"]["teacher_finetune_epochs"] = 1
+    with pytest.raises(KDError) as caught:
+        run_job(parse_spec(raw), JobInputs(teacher=files["teacher"], train=files["train"]),
+                RunOptions(out_dir=tmp_path / "out"))
+    assert caught.value.field == "distributed.strategy"
 
 
 def test_an_fsdp_lm_checkpoint_resumes_on_one_process(gpt2: dict[str, Path], tmp_path: Path) -> None:
