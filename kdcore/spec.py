@@ -285,8 +285,8 @@ class DistributedSpec(_Strict):
                        "gloo processes sharing its cores.")
     strategy: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="ddp: every rank holds the whole student (any job: image, text, causal LM); "
-        "fsdp: text classification jobs' hf students sharded across the ranks (FSDP2, one unit per transformer "
-        "layer), checkpoints through torch.distributed.checkpoint, resumable on any nproc."
+        "fsdp: hf students of text classification and causal-LM jobs sharded across the ranks (FSDP2, one unit "
+        "per transformer layer), checkpoints through torch.distributed.checkpoint, resumable on any nproc."
     )
     timeout_s: float = Field(default=300.0, ge=10, le=86400, description="A collective waiting longer fails the "
                              "job: a stuck rank is a clear error, never a hang.")
