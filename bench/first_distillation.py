@@ -6,9 +6,10 @@
 
 The example is `examples/mnist/`: `train_teacher.py` with its defaults, then `job.yaml` as written,
 both on one CPU thread with the spec's seed, so every accuracy, parameter count and size is the
-same on every run on a machine (and, in practice, across x86 machines). The one figure that is not
-is the speed-up, a timing: the page gives it as measured by whoever last ran this script, and
-`--check` (and tests/docs/test_first_distillation_doc.py) compare everything but it.
+same on every run on one machine. Across processors the float rounding of the matmuls differs
+(an AMD EPYC and an Intel Xeon trained teachers of 0.985 and 0.981 from the same seed), so
+`--check` (and tests/docs/test_first_distillation_doc.py) hold the counts and sizes to the digit
+and the accuracies and the gain to `TOLERANCE`. The speed-up is a timing and is not compared.
 
 The block sits between the markers `<!-- figures:begin ... -->` and `<!-- figures:end -->`.
 """
@@ -30,6 +31,9 @@ BEGIN = "<!-- figures:begin (written by bench/first_distillation.py --write; do 
 END = "<!-- figures:end -->"
 #: The speed-up is a timing: masked where two blocks are compared.
 SPEEDUP = re.compile(r"\d+(\.\d+)?× faster")
+#: How far an accuracy (as a fraction) or a gain (in points / 100) may move between processors.
+TOLERANCE = 0.01
+_NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
 
 
 def run_example(workdir: Path) -> dict[str, Any]:
@@ -96,6 +100,30 @@ def comparable(block: str) -> str:
     return SPEEDUP.sub("N× faster", block)
 
 
+def agrees(block: str, page: str) -> bool:
+    """The same words and counts; accuracies and gains within TOLERANCE; the timing aside.
+
+    A number with a sign is a gain in points; one below 1 an accuracy (or a size under a megabyte,
+    which the tolerance cannot hide in practice: a parameter count beside it is held exactly).
+    """
+    ours, theirs = comparable(block), comparable(page)
+    if _NUMBER.sub("#", ours) != _NUMBER.sub("#", theirs):
+        return False
+    for mine, shown in zip(_NUMBER.findall(ours), _NUMBER.findall(theirs), strict=True):
+        if mine[0] in "+-" or mine.startswith("0."):
+            if abs(_points(mine) - _points(shown)) > TOLERANCE + 1e-9:
+                return False
+        elif mine != shown:
+            return False
+    return True
+
+
+def _points(number: str) -> float:
+    """A gain (+1.2 points) or an accuracy (0.929), as a fraction."""
+    value = float(number.replace(",", ""))
+    return value / 100 if number[0] in "+-" else value
+
+
 def write(block: str, path: Path = DOC) -> None:
     text = path.read_text(encoding="utf-8")
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
@@ -117,7 +145,7 @@ def main() -> int:
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
     if args.write:
         write(block)
-    if args.check and comparable(block) != comparable(page_block(DOC.read_text(encoding="utf-8"))):
+    if args.check and not agrees(block, page_block(DOC.read_text(encoding="utf-8"))):
         print(f"{DOC} does not show these figures: run bench/first_distillation.py --write", file=sys.stderr)
         return 1
     return 0

@@ -149,7 +149,7 @@ def test_tpe_search_asks_fresh_settings_within_the_ranges(
         trials = tuning.trials_of(session, job_id)
 
     params = [t.trial["params"] for t in trials]
-    assert params[0] == {"optim.lr": 0.001, "method.temperature": 4.0}  # the spec's own settings
+    assert params[0] == {"optim.lr": 0.003, "method.temperature": 4.0}  # the spec's own (default) settings
     assert all(1e-4 <= p["optim.lr"] <= 1e-1 and p["method.temperature"] in range(1, 9) for p in params[1:])
     assert len({tuple(p.values()) for p in params}) == 5  # TPE never asked the same twice
     parent = session.get_one(Job, job_id)

@@ -34,12 +34,27 @@ def test_the_pages_figures_are_what_the_example_gives(tmp_path: Path) -> None:
     page = script.page_block(script.DOC.read_text(encoding="utf-8"))
     metrics = script.run_example(tmp_path)
     printed = script.render(metrics)
-    assert script.comparable(printed) == script.comparable(page), (
+    assert script.agrees(printed, page), (
         "docs/first-distillation.md's figures are stale: run bench/first_distillation.py --write\n" + printed)
+    # The README's example must show what the README promises: distillation beats its baseline.
+    assert metrics["student"]["accuracy"] > metrics["baseline"]["accuracy"], printed
     # The masked figure still says something true: the student is faster than the teacher.
     assert metrics["speedup"] > 1 and re.search(r"\d+\.\d× faster", page)
     # And the figures are the run's, not merely the same text: the table rows come from the metrics.
     assert f"| {metrics['student']['accuracy']:.3f} | {metrics['student']['params']:,} |" in page
+
+
+def test_agreement_allows_rounding_across_processors_and_nothing_else() -> None:
+    script = _script()
+    page = ("| teacher (`cnn`) | 0.985 | 824,554 | 3.30 MB |\n"
+            "Distillation gained +0.5 points over the baseline (95% interval -0.8 to +1.8); 4.1× smaller, 12.0× faster")
+    assert script.agrees(page.replace("0.985", "0.981").replace("+0.5", "+1.2").replace("+1.8", "+2.6"), page)
+    assert not script.agrees(page.replace("0.985", "0.970"), page)  # 1.5 points: not rounding
+    assert not script.agrees(page.replace("+0.5", "+2.0"), page)
+    assert not script.agrees(page.replace("824,554", "824,555"), page)  # counts to the digit
+    assert not script.agrees(page.replace("3.30 MB", "3.31 MB"), page)
+    assert not script.agrees(page.replace("smaller", "larger"), page)
+    assert script.agrees(page.replace("12.0× faster", "3.0× faster"), page)
 
 
 def test_the_mask_hides_the_timing_only() -> None:

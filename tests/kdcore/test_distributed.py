@@ -163,7 +163,10 @@ def test_a_ddp_job_on_two_processes_matches_the_single_process_job(files: dict[s
 
 def test_a_killed_rank_restarts_the_group_from_its_checkpoint(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    spec = _spec(tmp_path, files["big_teacher"], files["big"], nproc=2, epochs=12, batch_size=64)
+    # Restarts to spare: on a loaded machine a restarted rank may knock before its peer listens, and
+    # gloo gives up its connection after three quick tries; that round then fails and the next one joins.
+    spec = _spec(tmp_path, files["big_teacher"], files["big"], nproc=2, epochs=12, batch_size=64,
+                 distributed={"nproc": 2, "max_restarts": 3})
     process = _distill(spec, out)
     _wait_for(lambda: (out / "checkpoints" / "checkpoint.pt").exists(), 180, "the first checkpoint")
     victim = _wait_for(lambda: _rank_pid(process.pid, 1), 30, "rank 1")

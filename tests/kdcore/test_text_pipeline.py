@@ -394,7 +394,7 @@ def test_for_task_keeps_what_the_user_set() -> None:
 def test_image_defaults_are_untouched_by_the_text_ones() -> None:
     spec = for_task(parse_spec(_raw(teacher={"file": "t.safetensors", "arch": "mlp"})), "image_classification")
     assert spec.student.arch == "mlp" and spec.student.init_from_teacher is False
-    assert spec.optim.lr == 1e-3 and spec.batch_size == 128 and "hf" not in spec.export
+    assert spec.optim.lr == 3e-3 and spec.batch_size == 128 and "hf" not in spec.export
 
 
 def test_text_bilstm_defaults_to_exports_it_has() -> None:
