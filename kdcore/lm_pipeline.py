@@ -55,11 +55,10 @@ from kdcore.pipeline import (
 )
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.sharding import (
-    full_weights,
     has_sharded,
     is_sharded,
-    load_sharded,
     remove_stale,
+    restore_shards,
     run_in_root,
     shard_model,
     teacher_bytes_bf16,
@@ -313,7 +312,8 @@ def _students(spec: JobSpec, config: Any, vocab: int, teachers: TeacherLoader, s
         if key in state.models:
             models[key].load_state_dict(state.models[key])
         models[key].to(device)
-    _load_shards(["student", "baseline"], models, state, trainer)
+    restore_shards(["student", "baseline"], models, checkpoints=_checkpoints(trainer), info=state.info,
+                   sharded=trainer.group.sharded, sharded_models=trainer.sharded_models, plain_weights=state.models)
     if "shared_parameters" not in state.info:
         state.info.update(shared_parameters=plan.shared_parameters, student=plan.description,
                           teacher_layers=plan.teacher_layers)
@@ -426,21 +426,8 @@ def _pick(split: LMSplit, indices: list[int]) -> LMSplit:
                    split.prompt_lengths[torch.tensor(indices, dtype=torch.int64)], split.truncated)
 
 
-def _load_shards(keys: list[str], models: dict[str, CausalLM], state: RunState, trainer: LMTrainer) -> None:
-    """Models whose weights a DCP checkpoint holds (an fsdp run's): read them, resharded for this group.
-
-    Under fsdp they are sharded first and the trainer checkpoints them from now on; on a plain group
-    (one process, or ddp) their weights also go into `state.models`, so the next plain checkpoint is whole.
-    """
-    directory = trainer.checkpointer.directory if trainer.checkpointer is not None else None
-    for key in keys:
-        if directory is None or not has_sharded(state.info, key):
-            continue
-        if trainer.group.sharded:
-            trainer.sharded_models[key] = shard_model(models[key])
-        load_sharded(directory, state.info, key, models[key])
-        if not trainer.group.sharded:
-            state.models[key] = full_weights(models[key])
+def _checkpoints(trainer: LMTrainer) -> Path | None:
+    return trainer.checkpointer.directory if trainer.checkpointer is not None else None
 
 
 def _gather_models(models: dict[str, CausalLM], runtime: Runtime, group: Group) -> None:

@@ -21,7 +21,7 @@ import copy
 import shutil
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -176,6 +176,25 @@ def save_sharded(checkpoints: Path, name: str, models: Mapping[str, nn.Module], 
 
 def has_sharded(info: Mapping[str, Any], key: str) -> bool:
     return key in (info.get(INFO_KEY) or {}).get("models", [])
+
+
+def restore_shards(keys: Sequence[str], models: Mapping[str, nn.Module], *, checkpoints: Path | None,
+                   info: Mapping[str, Any], sharded: bool, sharded_models: dict[str, nn.Module],
+                   plain_weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Models whose weights a DCP checkpoint holds (an fsdp run's): read them, resharded for this group.
+
+    Under fsdp (`sharded`) they are sharded first and go into `sharded_models`, which the trainer
+    checkpoints from now on; on a plain group (one process, or ddp) their weights also go into
+    `plain_weights` (the run state's models), so the next plain checkpoint is whole.
+    """
+    for key in keys:
+        if checkpoints is None or not has_sharded(info, key):
+            continue
+        if sharded:
+            sharded_models[key] = shard_model(models[key])
+        load_sharded(checkpoints, info, key, models[key])
+        if not sharded:
+            plain_weights[key] = full_weights(models[key])
 
 
 def load_sharded(checkpoints: Path, info: Mapping[str, Any], key: str, model: nn.Module,

@@ -60,11 +60,10 @@ from kdcore.pipeline import (
 from kdcore.runtime import Runtime, make_runtime, precision_warning, restore_rng, seed_everything, set_threads
 from kdcore.selection import restore_best
 from kdcore.sharding import (
-    full_weights,
     has_sharded,
     is_sharded,
-    load_sharded,
     remove_stale,
+    restore_shards,
     shard_model,
     teacher_bytes_bf16,
     teacher_should_shard,
@@ -218,21 +217,12 @@ def _distributed_metrics(spec: JobSpec, group: Group, runtime: Runtime, teacher_
 
 def _load_shards(keys: list[str], models: dict[str, nn.Module], state: RunState, trainer: Trainer,
                  runtime: Runtime) -> None:
-    """Models whose weights a DCP checkpoint holds (an fsdp run's): read them, resharded for this group.
-
-    Under fsdp they are sharded first and the trainer checkpoints them from now on; on a plain group
-    (one process, or ddp) their weights also go into `state.models`, so the next plain checkpoint is whole.
-    """
-    directory = trainer.checkpointer.directory if trainer.checkpointer is not None else None
     for key in keys:
-        if directory is None or not has_sharded(state.info, key):
-            continue
-        model = models[key].to(runtime.device)
-        if trainer.group.sharded:
-            trainer.sharded_models[key] = shard_model(model)
-        load_sharded(directory, state.info, key, model)
-        if not trainer.group.sharded:
-            state.models[key] = full_weights(model)
+        if has_sharded(state.info, key):
+            models[key].to(runtime.device)  # in place: DCP reads into the model where it will train
+    restore_shards(keys, models, checkpoints=trainer.checkpointer.directory if trainer.checkpointer else None,
+                   info=state.info, sharded=trainer.group.sharded, sharded_models=trainer.sharded_models,
+                   plain_weights=state.models)
 
 
 def _gather_models(models: dict[str, nn.Module], runtime: Runtime, group: Group) -> None:
