@@ -173,9 +173,25 @@ def join(spec: DistributedSpec, device: torch.device) -> Group:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # The timeout turns a rank stuck in a collective (its peer died or hangs) into an error, not a hang.
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=spec.timeout_s))
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=spec.timeout_s),
+                                store=_round_store(spec.timeout_s), rank=int(os.environ["RANK"]), world_size=world)
     return Group(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]),
                  strategy=spec.strategy)
+
+
+def _round_store(timeout_s: float) -> dist.Store:
+    """The launcher's store, under a prefix of this restart round.
+
+    After a rank dies the agent starts the group again against the same store; without a prefix a
+    new rank may read the dead round's peer addresses (gloo then knocks on a closed port, "Connection
+    refused", and every later round fails the same way).
+    """
+    timeout = timedelta(seconds=timeout_s)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    return dist.PrefixStore(f"round-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def leave(group: Group) -> None:
